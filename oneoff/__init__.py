@@ -1,0 +1,1 @@
+"""OneOff: a self-hosted, declarative scheduler for one-time jobs."""

@@ -1,0 +1,206 @@
+"""Plain values that flow between layers: object keys, desired and stored objects.
+
+The loader produces :class:`Desired` objects, the store hands back :class:`Stored`
+ones, ``plan`` compares the two; the CLI (and later the API) render a ``Stored`` as a
+Kubernetes-style document with :func:`to_document`. Frozen, slotted, no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from oneoff.manifests import API_VERSION
+
+
+class ObjectKey(NamedTuple):
+    """Identity of an object: unique per (kind, namespace, name)."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON text of a value: sorted keys, no spaces (digests and storage)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def isoformat(moment: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, millisecond precision, as stored and shown."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """One validated manifest document as a source declares it."""
+
+    key: ObjectKey
+    spec: dict[str, Any]
+    """The spec as written (JSON-normalised, defaults not filled in)."""
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    file: str
+    """Path of the file, as the source names it (relative to the source root for dirs)."""
+    line: int
+    spec_json: str = field(init=False)
+    meta_json: str = field(init=False)
+    spec_digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec_json = canonical_json(self.spec)
+        object.__setattr__(self, "spec_json", spec_json)
+        object.__setattr__(self, "meta_json", canonical_json([self.labels, self.annotations]))
+        object.__setattr__(self, "spec_digest", digest(spec_json))
+
+    @property
+    def location(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """An object as the state file holds it."""
+
+    uid: str
+    key: ObjectKey
+    generation: int
+    spec_json: str
+    meta_json: str
+    spec_digest: str
+    source: str
+    file: str | None
+    line: int | None
+    created_at: str
+    updated_at: str
+    status: dict[str, Any]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.spec_json)
+        return result
+
+    @property
+    def labels(self) -> dict[str, str]:
+        labels: dict[str, str] = json.loads(self.meta_json)[0]
+        return labels
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        annotations: dict[str, str] = json.loads(self.meta_json)[1]
+        return annotations
+
+    @property
+    def location(self) -> str:
+        if self.file is None:
+            return ""
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+def condition(
+    type_: str,
+    ok: bool | None,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+    previous: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A Kubernetes-style condition; the transition time moves only when status flips."""
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    since = isoformat(now)
+    for old in previous or []:
+        if old.get("type") == type_ and old.get("status") == status:
+            since = old.get("lastTransitionTime", since)
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+
+
+def to_document(obj: Stored) -> dict[str, Any]:
+    """The Kubernetes-shaped view of a stored object (``get -o json|yaml``, the API)."""
+    metadata: dict[str, Any] = {
+        "name": obj.key.name,
+        "namespace": obj.key.namespace,
+        "uid": obj.uid,
+        "generation": obj.generation,
+        "creationTimestamp": obj.created_at,
+    }
+    if obj.labels:
+        metadata["labels"] = obj.labels
+    if obj.annotations:
+        metadata["annotations"] = obj.annotations
+    status = dict(obj.status)
+    status["source"] = {"name": obj.source, "file": obj.file, "line": obj.line}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": obj.key.kind,
+        "metadata": metadata,
+        "spec": obj.spec,
+        "status": status,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """One term of a label selector: ``key=value``, ``key!=value``, ``key`` or ``!key``."""
+
+    key: str
+    op: str
+    """One of ``=``, ``!=``, ``exists``, ``!exists``."""
+    value: str = ""
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if self.op == "=":
+            return labels.get(self.key) == self.value
+        if self.op == "!=":
+            return labels.get(self.key) != self.value
+        if self.op == "exists":
+            return self.key in labels
+        return self.key not in labels
+
+
+def parse_selector(text: str) -> tuple[Requirement, ...]:
+    """Parse a Kubernetes-style equality selector such as ``team=billing,env!=prod,tier``."""
+    requirements = []
+    for raw in text.split(","):
+        term = raw.strip()
+        if not term:
+            continue
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            requirements.append(Requirement(key.strip(), "!=", value.strip()))
+        elif "=" in term:
+            key, value = term.split("==", 1) if "==" in term else term.split("=", 1)
+            requirements.append(Requirement(key.strip(), "=", value.strip()))
+        elif term.startswith("!"):
+            requirements.append(Requirement(term[1:].strip(), "!exists"))
+        else:
+            requirements.append(Requirement(term, "exists"))
+    for requirement in requirements:
+        if not requirement.key or any(c in requirement.key for c in " ()!=<>"):
+            raise ValueError(f"{text!r} is not a label selector (e.g. team=billing,env!=prod)")
+    return tuple(requirements)
+
+
+def selector_matches(selector: tuple[Requirement, ...], labels: dict[str, str]) -> bool:
+    return all(requirement.matches(labels) for requirement in selector)

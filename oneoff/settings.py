@@ -1,0 +1,110 @@
+"""Server settings: flags, then ``ONEOFF_*`` environment, then a config file, then defaults.
+
+Built once by the CLI (``oneoff serve``) and handed to the daemon; nothing reads the
+environment anywhere else. The names are a contract (DESIGN.md §6): scripts, the Helm
+chart and the docs depend on them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from oneoff.errors import UsageError
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
+
+
+class Settings(BaseModel):
+    """Every setting of ``oneoff serve``; see the table in README.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    state: str = "./oneoff.db"
+    """The SQLite state file (ONEOFF_STATE, --state)."""
+    manifests: tuple[str, ...] = ("./jobs.d",)
+    """Watched manifest directories (ONEOFF_MANIFESTS, ':'-separated; --manifests, repeatable)."""
+    listen: str = "127.0.0.1:8080"
+    """API and UI address (ONEOFF_LISTEN, --listen)."""
+    workers: Annotated[int, Field(ge=1, le=1024)] = 8
+    """Concurrent runs (ONEOFF_WORKERS, --workers)."""
+    retention_days: Annotated[float, Field(gt=0)] = 90
+    """Execution, delivery and audit retention (ONEOFF_RETENTION_DAYS)."""
+    log_format: LogFormat = LogFormat.AUTO
+    """json off a terminal, text on one (ONEOFF_LOG_FORMAT)."""
+    log_level: str = "INFO"
+    """Python logging level name (ONEOFF_LOG_LEVEL)."""
+    resync_seconds: Annotated[float, Field(gt=0)] = 60
+    """Periodic full reconcile, besides the file watcher (ONEOFF_RESYNC_SECONDS)."""
+    prune_max_share: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """A reconcile deleting all, or more than this share, of a source's objects is refused;
+    1 turns the guard off (ONEOFF_PRUNE_MAX_SHARE, --prune-max-share)."""
+    max_manifest_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    """Largest manifest file read (ONEOFF_MAX_MANIFEST_BYTES)."""
+
+    @field_validator("manifests", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part for part in value.split(":") if part)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return value.upper()
+
+
+ENV_PREFIX = "ONEOFF_"
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Merge the layers; a flag left unset (``None``) falls through to the next layer."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    config_file = config_file or environ.get("ONEOFF_CONFIG")
+    if config_file:
+        merged.update(_read_config(config_file))
+    names = Settings.model_fields
+    for name in names:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value not in (None, ""):
+            merged[name] = value
+    merged.update(
+        (name, value)
+        for name, value in (flags or {}).items()
+        if value not in (None, ()) and name in names
+    )
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        raise UsageError(f"invalid settings: {problems}") from None
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must be a mapping of setting: value")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
