@@ -186,15 +186,15 @@ def read_bytes(path: str, max_bytes: int) -> tuple[bytes | None, Issue | None]:
         if info.st_size > max_bytes:
             return None, Issue(
                 path,
-                f"file is {info.st_size / 1e6:.1f} MB, larger than the "
-                f"{max_bytes / 1e6:.1f} MB limit for a manifest file; split it",
+                f"file is {info.st_size / 2**20:.1f} MiB, larger than the "
+                f"{max_bytes / 2**20:.1f} MiB limit for a manifest file; split it",
             )
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)
     except OSError as exc:
         return None, Issue(path, _os_reason(exc))
     if len(data) > max_bytes:
-        return None, Issue(path, f"file grew past the {max_bytes / 1e6:.1f} MB limit")
+        return None, Issue(path, f"file grew past the {max_bytes / 2**20:.1f} MiB limit")
     return data, None
 
 
@@ -220,6 +220,12 @@ def parse_file(path: str, data: bytes) -> FileResult:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
+        start = exc.context_mark
+        if exc.context and start is not None and exc.problem and (
+            mark is None or (start.line, start.column) != (mark.line, mark.column)
+        ):
+            problem += f" ({exc.context} that starts at line {start.line + 1}, column " \
+                f"{start.column + 1})"
         return FileResult(
             path,
             sha,
@@ -255,15 +261,43 @@ def parse_file(path: str, data: bytes) -> FileResult:
     return FileResult(path, sha, tuple(objects), tuple(issues), frozenset(failed_keys), failed)
 
 
+ALIAS_EXPANSION_LIMIT = 10_000
+"""Aliases may not blow a document up past this many values and ten times its written size
+(the "billion laughs" attack: a few hundred bytes of nested anchors becoming gigabytes)."""
+
+
 def _compose_all(text: str) -> Iterator[tuple[yaml.Node, Any]]:
     """Each document's node tree (positions) with its constructed value."""
     loader = _ManifestLoader(text)
     try:
         while loader.check_node():
             node = loader.get_node()
+            sizes: dict[int, int] = {}
+            size = _expanded_size(node, sizes)
+            if size > ALIAS_EXPANSION_LIMIT and size > 10 * len(sizes):
+                raise yaml.MarkedYAMLError(
+                    problem=f"aliases expand this document from {len(sizes):,} to {size:,} "
+                    "values; refused (write the values out, or use fewer nested aliases)",
+                    problem_mark=node.start_mark,
+                )
             yield node, loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` becomes once every alias is expanded (memoised per node)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    sizes[id(node)] = size
+    return size
 
 
 def _validate_document(
@@ -328,36 +362,41 @@ def _validation_issues(
             len(other) > len(loc) and other[: len(loc) - 1] == loc[:-1] for other in deeper
         ):
             continue  # a union branch that did not apply; the deeper error says more
-        target, field_path, matched_all = _locate(node, error["loc"])
+        target, key, field_path, matched_all = _locate(node, error["loc"])
         if error["type"] == "missing" and not matched_all:
             message = f"required field '{error['loc'][-1]}' is missing"
         else:
             message = _message(error, model, field_path)
-        mark = target.start_mark
+        mark = (key if error["type"] == "extra_forbidden" and key else target).start_mark
         group = grouped[(".".join(str(p) for p in field_path), mark.line + 1, mark.column + 1)]
         if message and message not in group:
             group.append(message)
-    return [
+    issues = [
         Issue(path, "; or ".join(messages), line=line, column=column, field=field_path)
         for (field_path, line, column), messages in grouped.items()
     ]
+    return sorted(issues, key=lambda issue: (issue.line or 0, issue.column or 0))
 
 
-def _locate(node: yaml.Node, loc: tuple[int | str, ...]) -> tuple[yaml.Node, list[Any], bool]:
+def _locate(
+    node: yaml.Node, loc: tuple[int | str, ...]
+) -> tuple[yaml.Node, yaml.Node | None, list[Any], bool]:
     """Follow a pydantic error location through the YAML node tree.
 
     Location parts that name no key (the member names pydantic adds inside unions) are
-    skipped. Returns the deepest node reached, the field path a person reads, and whether
-    every real part was found.
+    skipped. Returns the deepest node reached, the key node that led to it (if any), the
+    field path a person reads, and whether every real part was found.
     """
     current, matched_all = node, True
+    current_key: yaml.Node | None = None
     field_path: list[Any] = []
     for part in loc:
         child: yaml.Node | None = None
+        child_key: yaml.Node | None = None
         if isinstance(current, yaml.MappingNode):
             for key_node, value_node in current.value:
                 if key_node.value == part:
-                    child = value_node
+                    child, child_key = value_node, key_node
                     break
             if (
                 child is None
@@ -374,10 +413,10 @@ def _locate(node: yaml.Node, loc: tuple[int | str, ...]) -> tuple[yaml.Node, lis
         if child is None:
             continue
         field_path.append(part)
-        current = child
+        current, current_key = child, child_key
     if loc and loc[-1] not in _UNION_TAGS and field_path and field_path[-1] != loc[-1]:
         matched_all = False
-    return current, field_path, matched_all
+    return current, current_key, field_path, matched_all
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "datetime", "literal['now']", "list", "dict"}
@@ -463,7 +502,7 @@ def _model_in(annotation: Any) -> Any:
 def _issue_at(
     path: str, node: yaml.Node, loc: tuple[str, ...], message: str, exact: bool = True
 ) -> Issue:
-    target, field_path, _ = _locate(node, loc)
+    target, _, field_path, _ = _locate(node, loc)
     mark = target.start_mark
     return Issue(
         path,

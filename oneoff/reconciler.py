@@ -210,13 +210,20 @@ class Reconciler:
     # --- watching ------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Reconcile every source now, then on every change and every resync, until stopped."""
-        for source in self.sources:
-            await self.trigger(source)
-        self.synced.set()
+        """Reconcile every source now, then on every change and every resync, until stopped.
+
+        Watchers are registered before the first pass, so a file saved in between is not
+        missed until the next resync.
+        """
         async with asyncio.TaskGroup() as group:
+            watching = [asyncio.Event() for _ in self.sources]
+            for source, ready in zip(self.sources, watching, strict=True):
+                group.create_task(self._watch(source, stop, ready))
+            for ready in watching:
+                await ready.wait()
             for source in self.sources:
-                group.create_task(self._watch(source, stop))
+                await self.trigger(source)
+            self.synced.set()
             group.create_task(self._resync(stop))
 
     async def trigger(self, source: DirectorySource) -> None:
@@ -237,11 +244,18 @@ class Reconciler:
         finally:
             source.busy = False
 
-    async def _watch(self, source: DirectorySource, stop: asyncio.Event) -> None:
+    async def _watch(
+        self, source: DirectorySource, stop: asyncio.Event, ready: asyncio.Event
+    ) -> None:
         while not stop.is_set():
             if not await asyncio.to_thread(os.path.isdir, source.root):
+                ready.set()
                 await _wait(stop, self.resync_seconds)  # resync reports it; look again later
                 continue
+            # awatch registers its inotify watches synchronously on the first step of the
+            # loop below, before it first suspends; so whoever waits on ``ready`` resumes
+            # only once the watch is in place.
+            ready.set()
             try:
                 async for _changes in watchfiles.awatch(
                     source.root,
