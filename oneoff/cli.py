@@ -22,15 +22,23 @@ from typing import Any
 import click
 from ruamel.yaml import YAML
 
-from oneoff import daemon
 from oneoff.errors import ManifestError, NotFound, OneOffError, PlanRefused, StoreError, UsageError
 from oneoff.loader import check_references, load_paths
 from oneoff.manifests import API_VERSION, KINDS, json_schemas
 from oneoff.plan import Action, Plan, plan
 from oneoff.reconciler import directory_source_name
-from oneoff.records import Stored, parse_selector, selector_matches, to_document
+from oneoff.records import (
+    Execution,
+    ObjectKey,
+    RunStatus,
+    Stored,
+    execution_document,
+    parse_selector,
+    selector_matches,
+    to_document,
+)
 from oneoff.settings import load_settings
-from oneoff.store import Store
+from oneoff.store import Store, job_status_extra
 
 EXIT_OK, EXIT_CHANGES, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -39,6 +47,10 @@ KIND_NAMES = {
     "keys": "ApiKey",
     "key": "ApiKey",
     "sources": "Source",
+    "executions": "Execution",
+    "execution": "Execution",
+    "runs": "Execution",
+    "run": "Execution",
     "source": "Source",
 }
 
@@ -92,6 +104,8 @@ def cli() -> None:
 @click.option("--config", "config_file", help="YAML file of settings [env ONEOFF_CONFIG]")
 def serve(config_file: str | None, **flags: Any) -> int:
     """Reconcile the manifest directories into the state file and keep watching them."""
+    from oneoff import daemon  # the server's imports (httpx, asyncio) are not the CLI's
+
     settings = load_settings(flags, config_file=config_file)
     daemon.serve(settings)
     return EXIT_OK
@@ -214,6 +228,9 @@ def _short(value: Any) -> str:
 @click.option("-l", "--selector", default="", help="Label selector, e.g. team=billing,env!=dev.")
 @click.option("-n", "--namespace", default=None, help="Namespace [default: default].")
 @click.option("-A", "--all-namespaces", is_flag=True, help="List across all namespaces.")
+@click.option("--job", default=None, help="Executions: only this job's.")
+@click.option("--status", default=None, help="Executions: only this status.")
+@click.option("--limit", default=50, show_default=True, help="Executions: at most this many.")
 @state_option
 def get(
     kind: str,
@@ -222,13 +239,17 @@ def get(
     selector: str,
     namespace: str | None,
     all_namespaces: bool,
+    job: str | None,
+    status: str | None,
+    limit: int,
     state: str,
 ) -> int:
-    """List objects of KIND (jobs, chains, webhooks, apikeys, sources) or show one."""
+    """List objects of KIND (jobs, chains, webhooks, apikeys, executions, sources)."""
     resolved = KIND_NAMES.get(kind.lower())
     if resolved is None:
         raise UsageError(
-            f"unknown kind {kind!r}; use one of jobs, chains, webhooks, apikeys, sources"
+            f"unknown kind {kind!r}; use one of jobs, chains, webhooks, apikeys, executions, "
+            "sources"
         )
     try:
         requirements = parse_selector(selector)
@@ -239,6 +260,8 @@ def get(
             click.echo(render_sources(store), nl=False)
             return EXIT_OK
         ns = None if all_namespaces else (namespace or "default")
+        if resolved == "Execution":
+            return _get_executions(store, name, job, ns, status, limit, output)
         objects = [
             obj
             for obj in store.objects(resolved, ns, name=name)
@@ -386,6 +409,125 @@ def render_sources(store: Store) -> str:
     for status in statuses:
         text += "".join(f"  {issue}\n" for issue in status.issues)
     return text
+
+
+# --- runs ----------------------------------------------------------------------------
+
+
+def _duration(run: Execution) -> str:
+    if not run.started_at:
+        return ""
+    end = datetime.fromisoformat(run.finished_at) if run.finished_at else datetime.now(UTC)
+    seconds = (end - datetime.fromisoformat(run.started_at)).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+def render_executions(runs: Sequence[Execution], wide_namespace: bool) -> str:
+    rows = [["RUN", "JOB", "TYPE", "STATUS", "ATTEMPT", "SCHEDULED", "DURATION", "RESULT"]]
+    if wide_namespace:
+        rows[0].insert(1, "NAMESPACE")
+    for run in runs:
+        result = (
+            f"exit {run.exit_code}" if run.exit_code is not None
+            else f"HTTP {run.http_status}" if run.http_status is not None
+            else ""
+        )
+        if run.error and run.status is not RunStatus.SUCCEEDED:
+            result = (result + ": " if result else "") + run.error.splitlines()[0][:60]
+        row = [run.id, run.name, run.type, run.status.value, str(run.attempt),
+               run.scheduled_at, _duration(run), result]
+        if wide_namespace:
+            row.insert(1, run.namespace)
+        rows.append(row)
+    return _format_rows(rows)
+
+
+def _get_executions(
+    store: Store, run_id: str | None, job: str | None, namespace: str | None,
+    status: str | None, limit: int, output: str,
+) -> int:
+    if run_id is not None:
+        found = store.execution(run_id)
+        if found is None:
+            raise NotFound(f"no run {run_id!r}")
+        runs, attempts = [found[0]], found[1]
+    else:
+        runs, attempts = store.executions(namespace, job, status, limit), None
+    if output == "table":
+        if not runs:
+            click.echo("No executions found.", err=True)
+            return EXIT_OK
+        click.echo(render_executions(runs, wide_namespace=namespace is None), nl=False)
+        return EXIT_OK
+    documents = [execution_document(run, attempts) for run in runs]
+    body: Any = documents[0] if run_id is not None else {
+        "apiVersion": API_VERSION, "kind": "List", "items": documents}
+    click.echo(dump(body, output), nl=False)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["job"]))
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@state_option
+def describe(kind: str, name: str, namespace: str, state: str) -> int:
+    """Show a job: spec, source, conditions, last and next run, recent runs."""
+    with Store(state, readonly=True) as store:
+        job = store.get(ObjectKey("Job", namespace, name))
+        if job is None:
+            raise NotFound(f"Job {namespace}/{name} not found")
+        runs = store.executions(namespace, name, None, 10)
+        extra = job_status_extra(store, job)
+    document = to_document(job)
+    last = extra.get("lastRun")
+    lines = [
+        f"Name:         {name}",
+        f"Namespace:    {namespace}",
+        f"UID:          {job.uid}",
+        f"Generation:   {job.generation}",
+        f"Created:      {job.created_at}",
+        f"Source:       {job.source}",
+        f"File:         {job.location}",
+        "Labels:       " + (",".join(f"{k}={v}" for k, v in job.labels.items()) or "-"),
+        f"Schedule:     {_schedule(document)}",
+        f"Next run:     {extra.get('nextRunAt', '-')}",
+        f"Last run:     {last['id'] + ' ' + last['status'] if last else '-'}",
+        "Conditions:",
+        *(f"  {c['type']}={c['status']} {c['reason']}: {c['message']} "
+          f"(generation {c['observedGeneration']})"
+          for c in document["status"].get("conditions", [])),
+        "Spec:",
+        *(f"  {line}" for line in dump(document["spec"], "yaml").splitlines()),
+        "Recent runs:",
+        *(f"  {line}" for line in render_executions(runs, False).splitlines()),
+    ]
+    if not runs:
+        lines.append("  none yet")
+    click.echo("\n".join(lines))
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("run")
+@click.option("-n", "--namespace", default="default", show_default=True,
+              help="Namespace of the job when RUN is a job name.")
+@state_option
+def logs(run: str, namespace: str, state: str) -> int:
+    """Print the output of RUN (a run id, or a job name for its latest run)."""
+    with Store(state, readonly=True) as store:
+        found = store.execution(run)
+        if found is None:
+            latest = store.executions(namespace, run, None, 1)
+            found = store.execution(latest[0].id) if latest else None
+    if found is None:
+        raise NotFound(f"no run {run!r}, and no job {namespace}/{run} with runs")
+    execution = found[0]
+    click.echo(execution.output or "", nl=False)
+    if execution.status is not RunStatus.SUCCEEDED:
+        detail = f": {execution.error}" if execution.error else ""
+        click.echo(f"[run {execution.id} {execution.status.value}{detail}]", err=True)
+    return EXIT_OK
 
 
 # --- schema --------------------------------------------------------------------------

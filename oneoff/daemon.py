@@ -1,8 +1,9 @@
 """The composition root of ``oneoff serve``: builds every part from Settings and runs them.
 
 Called by ``cli.serve``. Holds an exclusive lock next to the state file (the daemon is
-its only writer), opens the store, and runs the reconciler (later also the scheduler,
-worker pool and API) in one asyncio task group until SIGINT or SIGTERM.
+its only writer), opens the store, recovers runs a crash left behind, and runs the
+reconciler, the scheduler and the worker pool in one asyncio task group until SIGINT or
+SIGTERM; then running jobs get a grace period before they are cancelled and recorded.
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from oneoff.errors import StoreError
-from oneoff.reconciler import DirectorySource, Reconciler
+from oneoff.executors.http import HttpRunner
+from oneoff.executors.processes import kill_processes_of_runs
+from oneoff.executors.shell import ShellRunner
+from oneoff.plan import Action
+from oneoff.reconciler import DirectorySource, Reconciler, Report
+from oneoff.scheduler import Scheduler
 from oneoff.settings import LogFormat, Settings
 from oneoff.store import Store
+from oneoff.worker import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,8 @@ class Daemon:
         self.stop = asyncio.Event()
         self.store: Store | None = None
         self.reconciler: Reconciler | None = None
+        self.scheduler: Scheduler | None = None
+        self.pool: WorkerPool | None = None
 
     async def run(self) -> None:
         started = time.perf_counter()
@@ -45,24 +54,77 @@ class Daemon:
             self.store = store
             if settings.manifests == DEFAULT_MANIFESTS:
                 os.makedirs(settings.manifests[0], exist_ok=True)  # the new user's first step
+            http = HttpRunner()
+            self.pool = pool = WorkerPool(
+                store,
+                settings.workers,
+                {"http": http, "shell": ShellRunner()},
+                kill_grace=settings.kill_grace_seconds,
+            )
+            self.scheduler = scheduler = Scheduler(
+                store,
+                pool.start,
+                pool.capacity,
+                pool.active_runs,
+                pool.cancel,
+                recurring=settings.recurring,
+            )
+            pool.on_free = scheduler.wake
             self.reconciler = Reconciler(
                 store,
                 [DirectorySource(root) for root in settings.manifests],
                 prune_max_share=settings.prune_max_share,
                 max_file_bytes=settings.max_manifest_bytes,
                 resync_seconds=settings.resync_seconds,
+                on_applied=lambda report: sync_changed_jobs(store, scheduler, report),
             )
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self.reconciler.run(self.stop))
-                await self.reconciler.synced.wait()
-                log.info(
-                    "ready in %.0f ms: state %s, watching %s",
-                    (time.perf_counter() - started) * 1000,
-                    settings.state,
-                    ", ".join(settings.manifests),
-                    extra={"action": "ready", "state": settings.state},
-                )
+            lost, _ = await asyncio.to_thread(scheduler.recover)
+            for pid, run_id in (await asyncio.to_thread(kill_processes_of_runs, lost)).items():
+                log.warning("killed process %d left over from lost run %s", pid, run_id,
+                            extra={"action": "recover", "run_id": run_id})
+            await asyncio.to_thread(scheduler.purge, settings.retention_days)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self.reconciler.run(self.stop))
+                    await self.reconciler.synced.wait()
+                    await asyncio.to_thread(scheduler.sync)  # also jobs unchanged since last run
+                    group.create_task(scheduler.run(self.stop))
+                    group.create_task(self._purge_daily(scheduler))
+                    log.info(
+                        "ready in %.0f ms: state %s, watching %s, %d workers",
+                        (time.perf_counter() - started) * 1000,
+                        settings.state,
+                        ", ".join(settings.manifests),
+                        settings.workers,
+                        extra={"action": "ready", "state": settings.state},
+                    )
+            finally:
+                await pool.shutdown(settings.shutdown_grace_seconds)
+                await http.aclose()
         log.info("stopped", extra={"action": "stop"})
+
+    async def _purge_daily(self, scheduler: Scheduler) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.stop.wait(), 86400)
+                return
+            except TimeoutError:
+                await asyncio.to_thread(scheduler.purge, self.settings.retention_days)
+
+
+def sync_changed_jobs(store: Store, scheduler: Scheduler, report: Report) -> None:
+    """After a reconcile: new and edited jobs get their slots, deleted ones lose theirs."""
+    if report.plan is None or report.plan.refused or not report.plan.has_changes:
+        return
+    changed, deleted = [], []
+    for change in report.plan.changes:
+        if change.key.kind != "Job" or change.action is Action.UNCHANGED:
+            continue
+        if change.action is Action.DELETE and change.stored is not None:
+            deleted.append(change.stored)
+        elif (job := store.get(change.key)) is not None:
+            changed.append(job)
+    scheduler.sync(changed, deleted)
 
 
 @contextlib.contextmanager

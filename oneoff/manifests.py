@@ -10,12 +10,12 @@ descriptions. Nothing here does I/O.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -82,6 +82,7 @@ class Model(BaseModel):
         serialize_by_alias=True,
         use_attribute_docstrings=True,
         frozen=True,
+        defer_build=True,  # built on first use: CLI verbs that never validate start faster
     )
 
 
@@ -136,10 +137,16 @@ class Schedule(Model):
     @field_validator("cron")
     @classmethod
     def _cron_is_valid(cls, value: str | None) -> str | None:
-        if value is not None and (len(value.split()) != 5 or not croniter.is_valid(value)):
+        if value is None:
+            return value
+        if len(value.split()) != 5 or not croniter.is_valid(value):
             raise ValueError(
                 f"{value!r} is not a five-field cron expression (minute hour day month weekday)"
             )
+        try:
+            croniter(value, datetime(2000, 1, 1)).get_next(datetime)
+        except (CroniterBadDateError, ValueError):
+            raise ValueError(f"{value!r} never fires (e.g. 30 February)") from None
         return value
 
     @field_validator("time_zone")

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 from oneoff.manifests import API_VERSION
@@ -204,3 +205,103 @@ def parse_selector(text: str) -> tuple[Requirement, ...]:
 
 def selector_matches(selector: tuple[Requirement, ...], labels: dict[str, str]) -> bool:
     return all(requirement.matches(labels) for requirement in selector)
+
+
+class RunStatus(StrEnum):
+    """Where an execution is; transitions are checked against :data:`TRANSITIONS`."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    MISSED = "missed"
+    SKIPPED = "skipped"
+    LOST = "lost"
+
+    @property
+    def final(self) -> bool:
+        return not TRANSITIONS[self]
+
+
+TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.PENDING: frozenset({RunStatus.QUEUED, RunStatus.CANCELLED, RunStatus.MISSED,
+                                  RunStatus.SKIPPED}),
+    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.MISSED,
+                                 RunStatus.SKIPPED}),
+    # a retry sends a running execution back to pending with its next due time
+    RunStatus.RUNNING: frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.TIMED_OUT,
+                                  RunStatus.CANCELLED, RunStatus.LOST, RunStatus.PENDING}),
+    # an idempotent job's lost run is retried: it goes back to pending
+    RunStatus.LOST: frozenset({RunStatus.PENDING}),
+    RunStatus.SUCCEEDED: frozenset(),
+    RunStatus.FAILED: frozenset(),
+    RunStatus.TIMED_OUT: frozenset(),
+    RunStatus.CANCELLED: frozenset(),
+    RunStatus.MISSED: frozenset(),
+    RunStatus.SKIPPED: frozenset(),
+}
+"""Every allowed status change; the store refuses any other (drawn in docs/runs.md)."""
+
+
+def check_transition(before: RunStatus, after: RunStatus) -> None:
+    if after not in TRANSITIONS[before]:
+        raise ValueError(f"execution cannot go from {before} to {after}")
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """One run of a job: a (job, scheduled time) slot and its attempts."""
+
+    seq: int
+    id: str
+    job_uid: str
+    namespace: str
+    name: str
+    type: str
+    scheduled_at: str
+    due_at: str
+    priority: int
+    status: RunStatus
+    reason: str
+    attempt: int
+    generation: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    exit_code: int | None
+    http_status: int | None
+    error: str
+    truncated: bool
+    output: str | None = None
+    """Only filled when one execution is read with its output."""
+
+
+def execution_document(run: Execution, attempts: list[dict[str, Any]] | None = None
+                       ) -> dict[str, Any]:
+    """The Kubernetes-shaped view of an execution (``kind: Execution``)."""
+    status: dict[str, Any] = {
+        "phase": run.status.value,
+        "attempt": run.attempt,
+        "startedAt": run.started_at,
+        "finishedAt": run.finished_at,
+        "exitCode": run.exit_code,
+        "httpStatus": run.http_status,
+        "error": run.error,
+        "outputTruncated": run.truncated,
+    }
+    if attempts is not None:
+        status["attempts"] = attempts
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Execution",
+        "metadata": {"name": run.id, "namespace": run.namespace,
+                     "creationTimestamp": run.created_at},
+        "spec": {"job": run.name, "jobUid": run.job_uid, "type": run.type,
+                 "scheduledAt": run.scheduled_at, "dueAt": run.due_at,
+                 "priority": run.priority, "reason": run.reason,
+                 "generation": run.generation},
+        "status": status,
+    }

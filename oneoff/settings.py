@@ -50,6 +50,14 @@ class Settings(BaseModel):
     1 turns the guard off (ONEOFF_PRUNE_MAX_SHARE, --prune-max-share)."""
     max_manifest_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     """Largest manifest file read (ONEOFF_MAX_MANIFEST_BYTES)."""
+    recurring: bool = True
+    """Run cron schedules; false keeps OneOff strictly one-time (ONEOFF_RECURRING)."""
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 30
+    """On stop, running jobs get this long to finish before they are cancelled
+    (ONEOFF_SHUTDOWN_GRACE_SECONDS)."""
+    kill_grace_seconds: Annotated[float, Field(ge=0)] = 10
+    """Between SIGTERM and SIGKILL when a shell job is cancelled or times out
+    (ONEOFF_KILL_GRACE_SECONDS)."""
 
     @field_validator("manifests", mode="before")
     @classmethod

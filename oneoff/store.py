@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,7 +27,17 @@ from importlib import resources
 from typing import Any
 
 from oneoff.errors import Issue, StoreError
-from oneoff.records import Desired, ObjectKey, Stored, canonical_json, isoformat
+from oneoff.manifests import JobSpec
+from oneoff.records import (
+    Desired,
+    Execution,
+    ObjectKey,
+    RunStatus,
+    Stored,
+    canonical_json,
+    check_transition,
+    isoformat,
+)
 
 
 def _read_sql(name: str) -> str:
@@ -151,6 +163,11 @@ class Store:
             rows = self._run("select_objects", params).fetchall()
         return [_stored(row) for row in rows]
 
+    def by_uid(self, uid: str) -> Stored | None:
+        with self._lock:
+            row = self._run("select_object_by_uid", {"uid": uid}).fetchone()
+        return _stored(row) if row else None
+
     def get(self, key: ObjectKey) -> Stored | None:
         found = self.objects(key.kind, key.namespace, name=key.name)
         return found[0] if found else None
@@ -185,6 +202,58 @@ class Store:
             )
             for row in rows
         ]
+
+    # --- runs: reads ---------------------------------------------------------------
+
+    def job_states(self) -> dict[str, JobState]:
+        with self._lock:
+            rows = self._run("select_job_state").fetchall()
+        return {row[0]: JobState(*row) for row in rows}
+
+    def waiting_of_job(self, job_uid: str) -> list[tuple[str, RunStatus, str]]:
+        """(id, status, scheduled_at) of the job's pending and queued runs."""
+        with self._lock:
+            rows = self._run("waiting_of_job", {"job_uid": job_uid}).fetchall()
+        return [(row[0], RunStatus(row[1]), row[2]) for row in rows]
+
+    def next_due(self) -> str | None:
+        with self._lock:
+            (due,) = self._run("next_due").fetchone()
+        return str(due) if due is not None else None
+
+    def queued_candidates(self, limit: int) -> list[tuple[str, str, int]]:
+        """(id, job_uid, attempt) of queued runs in dispatch order."""
+        with self._lock:
+            rows = self._run("queued_candidates", {"limit": limit}).fetchall()
+        return [(row[0], row[1], row[7]) for row in rows]
+
+    def executions(
+        self, namespace: str | None = None, name: str | None = None,
+        status: str | None = None, limit: int = 100,
+    ) -> list[Execution]:
+        params = {"namespace": namespace, "name": name, "status": status, "limit": limit}
+        with self._lock:
+            rows = self._run("select_executions", params).fetchall()
+        return [_execution(row) for row in rows]
+
+    def execution(self, run_id: str) -> tuple[Execution, list[dict[str, Any]]] | None:
+        """One execution with its output, and its attempts."""
+        with self._lock:
+            row = self._run("select_execution", {"id": run_id}).fetchone()
+            attempts = self._run("select_attempts", {"id": run_id}).fetchall()
+        if row is None:
+            return None
+        return _execution(row[:-1], output=row[-1]), [
+            {"attempt": a[0], "startedAt": a[1], "finishedAt": a[2], "status": a[3],
+             "exitCode": a[4], "httpStatus": a[5], "error": a[6]}
+            for a in attempts
+        ]
+
+    def job_run_summary(self, job_uid: str) -> tuple[str | None, str | None]:
+        """('<run id> <status> <finished>' of the last finished run, next due time)."""
+        with self._lock:
+            last, upcoming = self._run("job_run_summary", {"job_uid": job_uid}).fetchone()
+        return last, upcoming
 
     # --- writes --------------------------------------------------------------------
 
@@ -279,6 +348,195 @@ class Transaction:
                 "data": canonical_json(data),
             },
         )
+
+
+    # --- runs ----------------------------------------------------------------------
+
+    def add_run(
+        self, job: Stored, scheduled_at: str, due_at: str, deadline_at: str, reason: str,
+        run_id: str | None = None,
+    ) -> str | None:
+        """Create the run of a slot; ``None`` if that (job, scheduled time) already exists."""
+        spec = job.spec
+        run_id = run_id or new_run_id()
+        row = self._store._run("insert_execution", {
+            "id": run_id, "job_uid": job.uid, "namespace": job.key.namespace,
+            "name": job.key.name, "type": _executor_type(spec),
+            "scheduled_at": scheduled_at, "due_at": due_at, "deadline_at": deadline_at,
+            "priority": spec.get("priority", 5), "status": RunStatus.PENDING.value,
+            "reason": reason, "generation": job.generation, "now": self.now,
+        }).fetchone()
+        if row is None:
+            return None
+        self.event("execution.pending", job.key, run_id, {
+            "run": run_id, "scheduledAt": scheduled_at, "reason": reason})
+        return run_id
+
+    def retime_run(self, run_id: str, job: Stored, due_at: str, deadline_at: str) -> None:
+        self._store._run("retime_execution", {
+            "id": run_id, "due_at": due_at, "deadline_at": deadline_at,
+            "priority": job.spec.get("priority", 5), "generation": job.generation,
+        })
+
+    def set_run_status(
+        self, run_id: str, before: RunStatus, after: RunStatus, error: str | None = None
+    ) -> bool:
+        """Move one run between statuses if it is still in ``before``; False if it was not."""
+        check_transition(before, after)
+        row = self._store._run("set_execution_status", {
+            "id": run_id, "from_status": before.value, "status": after.value, "error": error,
+            "final": after.final, "now": self.now,
+        }).fetchone()
+        if row is None:
+            return False
+        self.event(f"execution.{after.value}", ObjectKey("Job", row[1], row[2]), run_id, {
+            "run": run_id, "from": before.value, "error": error or ""})
+        return True
+
+    def promote_due(self, now: str) -> tuple[int, int]:
+        """Pending runs past their deadline → missed; due ones → queued. Returns counts."""
+        missed = self._store._run("due_to_missed", {"now": now}).fetchall()
+        queued = self._store._run("due_to_queued", {"now": now}).fetchall()
+        for rows in (missed, queued):
+            for run_id, _, namespace, name, status in rows:
+                self.event(f"execution.{status}", ObjectKey("Job", namespace, name), run_id,
+                           {"run": run_id})
+        return len(missed), len(queued)
+
+    def claim(self, run_id: str) -> Claimed | None:
+        """queued → running, attempt + 1; ``None`` if someone else got it first."""
+        row = self._store._run("claim_execution", {"id": run_id, "now": self.now}).fetchone()
+        if row is None:
+            return None
+        claimed = Claimed(*row)
+        self._store._run("insert_attempt", {"id": run_id, "attempt": claimed.attempt,
+                                            "now": self.now})
+        self.event("execution.running", ObjectKey("Job", claimed.namespace, claimed.name),
+                   run_id, {"run": run_id, "attempt": claimed.attempt})
+        return claimed
+
+    def finish_attempt(
+        self, run_id: str, attempt: int, status: RunStatus, *, exit_code: int | None,
+        http_status: int | None, error: str, output: str, truncated: bool,
+        retry_at: str | None = None,
+    ) -> None:
+        """Record an attempt's end; with ``retry_at`` the run goes back to pending."""
+        after = RunStatus.PENDING if retry_at else status
+        check_transition(RunStatus.RUNNING, after)
+        common = {"id": run_id, "now": self.now, "exit_code": exit_code,
+                  "http_status": http_status, "error": error}
+        self._store._run("finish_attempt", {**common, "attempt": attempt,
+                                            "status": status.value})
+        row = self._store._run("finish_execution", {
+            **common, "status": after.value, "final": after.final,
+            "due_at": retry_at or self.now, "output": output, "truncated": truncated,
+        }).fetchone()
+        if row is None:
+            return
+        event = "execution.retrying" if retry_at else f"execution.{status.value}"
+        self.event(event, ObjectKey("Job", row[1], row[2]), run_id, {
+            "run": run_id, "attempt": attempt, "status": status.value, "error": error,
+            "exitCode": exit_code, "httpStatus": http_status,
+            **({"retryAt": retry_at} if retry_at else {})})
+
+    def recover_running(self) -> list[tuple[str, str, int]]:
+        """Runs left running by a crash become lost; returns (id, job_uid, attempt)."""
+        rows = self._store._run("running_to_lost", {"now": self.now}).fetchall()
+        for run_id, _, namespace, name, attempt in rows:
+            self._store._run("finish_attempt", {
+                "id": run_id, "now": self.now, "exit_code": None, "http_status": None,
+                "error": "the server stopped during this attempt", "status": "lost",
+                "attempt": attempt})
+            self.event("execution.lost", ObjectKey("Job", namespace, name), run_id,
+                       {"run": run_id})
+        return [(row[0], row[1], row[4]) for row in rows]
+
+    def retry_lost(self, run_id: str) -> None:
+        """An idempotent job's lost run goes back to pending, due now."""
+        check_transition(RunStatus.LOST, RunStatus.PENDING)
+        self._store._run("lost_to_pending", {"id": run_id, "now": self.now})
+        self.event("execution.retrying", None, run_id, {"run": run_id, "after": "lost"})
+
+    def set_job_state(self, state: JobState) -> None:
+        self._store._run("upsert_job_state", {
+            "job_uid": state.job_uid, "first_seen_at": state.first_seen_at,
+            "last_slot": state.last_slot, "run_requested_at": state.run_requested_at})
+
+    def drop_job_state(self, job_uid: str) -> None:
+        self._store._run("delete_job_state", {"job_uid": job_uid})
+
+    def purge(self, before: str) -> tuple[int, int]:
+        """Delete finished runs past retention or their job's historyLimit, old events."""
+        runs = len(self._store._run("purge_history", {"before": before}).fetchall())
+        self._store._run("purge_orphan_attempts")
+        events = self._store._run("purge_events", {"before": before}).rowcount
+        return runs, events
+
+
+def job_status_extra(store: Store, job: Stored) -> dict[str, Any]:
+    """Last and next run of a job, for ``describe`` and ``get -o yaml``."""
+    last, upcoming = store.job_run_summary(job.uid)
+    extra: dict[str, Any] = {}
+    if last:
+        run_id, status, finished = [*last.split(" "), "", ""][:3]
+        extra["lastRun"] = {"id": run_id, "status": status, "finishedAt": finished}
+    if upcoming:
+        extra["nextRunAt"] = upcoming
+    return extra
+
+
+def new_run_id() -> str:
+    """A run id that sorts by creation time: 12 hex digits of milliseconds, 8 random."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+def _executor_type(spec: dict[str, Any]) -> str:
+    return next((t for t in ("http", "shell", "docker", "kubernetes") if t in spec), "?")
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """The scheduler's bookkeeping of one job (kept apart from the declared object)."""
+
+    job_uid: str
+    first_seen_at: str
+    last_slot: str | None = None
+    run_requested_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A run a worker now owns."""
+
+    id: str
+    job_uid: str
+    namespace: str
+    name: str
+    type: str
+    scheduled_at: str
+    attempt: int
+    generation: int
+    reason: str
+    started_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A claimed run and the job it belongs to: what the scheduler hands the workers."""
+
+    run: Claimed
+    job: Stored
+    spec: JobSpec
+
+
+def _execution(row: tuple[Any, ...], output: str | None = None) -> Execution:
+    return Execution(
+        seq=row[0], id=row[1], job_uid=row[2], namespace=row[3], name=row[4], type=row[5],
+        scheduled_at=row[6], due_at=row[7], priority=row[8], status=RunStatus(row[9]),
+        reason=row[10], attempt=row[11], generation=row[12], created_at=row[13],
+        started_at=row[14], finished_at=row[15], exit_code=row[16], http_status=row[17],
+        error=row[18], truncated=bool(row[19]), output=output,
+    )
 
 
 def _object_params(

@@ -1,6 +1,11 @@
 -- Named queries: every SQL statement OneOff runs. Loaded by store.py; a block starts
 -- with "-- name: <query name>" and runs until the next one.
 
+-- name: select_object_by_uid
+SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
+       created_at, updated_at, status
+FROM objects WHERE uid = :uid;
+
 -- name: select_objects
 SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
        created_at, updated_at, status
@@ -51,3 +56,149 @@ VALUES (:at, :type, :kind, :namespace, :name, :uid, :data);
 -- name: select_events
 SELECT seq, at, type, kind, namespace, name, uid, data
 FROM events WHERE seq > :after ORDER BY seq LIMIT :limit;
+
+-- name: insert_execution
+INSERT INTO executions (id, job_uid, namespace, name, type, scheduled_at, due_at, deadline_at,
+                        priority, status, reason, generation, created_at)
+VALUES (:id, :job_uid, :namespace, :name, :type, :scheduled_at, :due_at, :deadline_at,
+        :priority, :status, :reason, :generation, :now)
+ON CONFLICT (job_uid, scheduled_at) DO NOTHING
+RETURNING seq;
+
+-- name: select_job_state
+SELECT job_uid, first_seen_at, last_slot, run_requested_at FROM job_state;
+
+-- name: upsert_job_state
+INSERT INTO job_state (job_uid, first_seen_at, last_slot, run_requested_at)
+VALUES (:job_uid, :first_seen_at, :last_slot, :run_requested_at)
+ON CONFLICT (job_uid) DO UPDATE SET
+    last_slot = excluded.last_slot, run_requested_at = excluded.run_requested_at;
+
+-- name: delete_job_state
+DELETE FROM job_state WHERE job_uid = :job_uid;
+
+-- name: waiting_of_job
+SELECT id, status, scheduled_at FROM executions
+WHERE job_uid = :job_uid AND status IN ('pending', 'queued');
+
+-- name: retime_execution
+UPDATE executions
+SET due_at = :due_at, deadline_at = :deadline_at, priority = :priority, generation = :generation
+WHERE id = :id AND status IN ('pending', 'queued');
+
+-- name: set_execution_status
+UPDATE executions
+SET status = :status, error = COALESCE(:error, error),
+    finished_at = CASE WHEN :final THEN :now ELSE finished_at END
+WHERE id = :id AND status = :from_status
+RETURNING job_uid, namespace, name;
+
+-- name: due_to_missed
+UPDATE executions SET status = 'missed', finished_at = :now,
+    error = 'not started within startingDeadlineSeconds of its time'
+WHERE status IN ('pending', 'queued') AND deadline_at < :now
+RETURNING id, job_uid, namespace, name, status;
+
+-- name: due_to_queued
+UPDATE executions SET status = 'queued'
+WHERE status = 'pending' AND due_at <= :now
+  AND job_uid NOT IN (SELECT uid FROM objects WHERE json_extract(spec, '$.suspend') = 1)
+RETURNING id, job_uid, namespace, name, status;
+
+-- name: queued_candidates
+SELECT id, job_uid, namespace, name, priority, due_at, scheduled_at, attempt, reason
+FROM executions WHERE status = 'queued'
+ORDER BY priority DESC, due_at, seq LIMIT :limit;
+
+-- name: claim_execution
+UPDATE executions
+SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, :now)
+WHERE id = :id AND status = 'queued'
+RETURNING id, job_uid, namespace, name, type, scheduled_at, attempt, generation, reason,
+          started_at;
+
+-- name: insert_attempt
+INSERT INTO attempts (execution_id, attempt, started_at, status)
+VALUES (:id, :attempt, :now, 'running');
+
+-- name: finish_attempt
+UPDATE attempts SET finished_at = :now, status = :status, exit_code = :exit_code,
+    http_status = :http_status, error = :error
+WHERE execution_id = :id AND attempt = :attempt;
+
+-- name: finish_execution
+UPDATE executions
+SET status = :status, finished_at = CASE WHEN :final THEN :now END, due_at = :due_at,
+    -- the starting deadline is about the first start; a retry is bounded by the
+    -- job's activeDeadlineSeconds instead
+    deadline_at = CASE WHEN :status = 'pending' THEN '9999-12-31T00:00:00.000Z'
+                       ELSE deadline_at END,
+    exit_code = :exit_code, http_status = :http_status, error = :error, output = :output,
+    truncated = :truncated
+WHERE id = :id AND status = 'running'
+RETURNING job_uid, namespace, name;
+
+-- name: running_to_lost
+UPDATE executions SET status = 'lost', finished_at = :now,
+    error = 'the server stopped while this run was running'
+WHERE status = 'running'
+RETURNING id, job_uid, namespace, name, attempt;
+
+-- name: next_due
+SELECT MIN(due_at) FROM executions WHERE status = 'pending';
+
+-- name: count_queued
+SELECT COUNT(*) FROM executions WHERE status = 'queued';
+
+-- name: select_executions
+SELECT seq, id, job_uid, namespace, name, type, scheduled_at, due_at, priority, status, reason,
+       attempt, generation, created_at, started_at, finished_at, exit_code, http_status, error,
+       truncated
+FROM executions
+WHERE (:namespace IS NULL OR namespace = :namespace)
+  AND (:name IS NULL OR name = :name)
+  AND (:status IS NULL OR status = :status)
+ORDER BY seq DESC LIMIT :limit;
+
+-- name: select_execution
+SELECT seq, id, job_uid, namespace, name, type, scheduled_at, due_at, priority, status, reason,
+       attempt, generation, created_at, started_at, finished_at, exit_code, http_status, error,
+       truncated, output
+FROM executions WHERE id = :id;
+
+-- name: select_attempts
+SELECT attempt, started_at, finished_at, status, exit_code, http_status, error
+FROM attempts WHERE execution_id = :id ORDER BY attempt;
+
+-- name: job_run_summary
+SELECT
+  (SELECT id || ' ' || status || ' ' || COALESCE(finished_at, '') FROM executions
+     WHERE job_uid = :job_uid AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1),
+  (SELECT MIN(due_at) FROM executions WHERE job_uid = :job_uid AND status = 'pending');
+
+-- name: purge_history
+DELETE FROM executions
+WHERE finished_at IS NOT NULL
+  AND (finished_at < :before
+       OR seq IN (SELECT seq FROM (
+            SELECT seq, job_uid,
+                   status = 'succeeded' AS ok,
+                   ROW_NUMBER() OVER (PARTITION BY job_uid, status = 'succeeded'
+                                      ORDER BY seq DESC) AS n
+            FROM executions WHERE finished_at IS NOT NULL) ranked
+          JOIN (SELECT uid, COALESCE(json_extract(spec, '$.historyLimit.succeeded'), 10) AS ks,
+                       COALESCE(json_extract(spec, '$.historyLimit.failed'), 10) AS kf
+                FROM objects WHERE kind = 'Job') limits ON limits.uid = ranked.job_uid
+          WHERE n > CASE WHEN ok THEN ks ELSE kf END))
+RETURNING id;
+
+-- name: purge_orphan_attempts
+DELETE FROM attempts WHERE execution_id NOT IN (SELECT id FROM executions);
+
+-- name: purge_events
+DELETE FROM events WHERE at < :before;
+
+-- name: lost_to_pending
+UPDATE executions SET status = 'pending', due_at = :now, finished_at = NULL,
+    deadline_at = '9999-12-31T00:00:00.000Z'
+WHERE id = :id AND status = 'lost';

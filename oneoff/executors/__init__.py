@@ -1,0 +1,135 @@
+"""Executors: the one small Protocol every way of running a job implements.
+
+Called by the worker with a job's executor block (a ``manifests`` model) and a
+:class:`RunContext`; each returns an :class:`Outcome` and never touches the store.
+
+The contract, stated once here:
+
+- ``run`` performs exactly one attempt. Retries are the worker's decision, never the
+  executor's (no hidden internal retries).
+- ``ctx.timeout`` (seconds, or ``None``) limits the attempt. When it expires the executor
+  stops the work completely (for processes: SIGTERM to the whole process group, SIGKILL
+  after ``ctx.kill_grace``) and returns ``Outcome(status=TIMED_OUT)``.
+- Cancellation is asyncio cancellation of the task running ``run``: the executor stops the
+  work completely, in the same way as for a timeout, and then re-raises
+  ``CancelledError``. No process, request or container of the attempt survives it.
+- Output is captured up to ``ctx.output_limit`` bytes; beyond that it is dropped and
+  ``Outcome.truncated`` is set (the text ends with :data:`TRUNCATION_MARK`).
+- Problems a user can act on (connection refused, executable not found, a missing
+  ``valueFrom`` source) are a ``FAILED`` outcome with a one-line ``error``; an executor
+  raises only for bugs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from oneoff.manifests import EnvValue
+
+TRUNCATION_MARK = "\n[… output truncated by OneOff: limit of {limit} bytes reached …]\n"
+
+
+class OutcomeStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """Who is running and within which limits; the same for every executor."""
+
+    run_id: str
+    job: str
+    namespace: str
+    scheduled_at: datetime
+    attempt: int
+    env: Mapping[str, str] = field(default_factory=dict)
+    """The job's resolved ``spec.env`` (``valueFrom`` already read)."""
+    timeout: float | None = None
+    kill_grace: float = 10.0
+    output_limit: int = 1024 * 1024
+
+    def identity_env(self) -> dict[str, str]:
+        """The run identity every shell, Docker and Kubernetes job sees."""
+        return {
+            "ONEOFF_RUN_ID": self.run_id,
+            "ONEOFF_JOB": self.job,
+            "ONEOFF_NAMESPACE": self.namespace,
+            "ONEOFF_SCHEDULED_AT": self.scheduled_at.isoformat().replace("+00:00", "Z"),
+            "ONEOFF_ATTEMPT": str(self.attempt),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt."""
+
+    status: OutcomeStatus
+    exit_code: int | None = None
+    http_status: int | None = None
+    output: str = ""
+    truncated: bool = False
+    error: str = ""
+    """One line a user can act on; empty on success."""
+
+
+class Executor(Protocol):
+    async def run(self, block: object, ctx: RunContext) -> Outcome:
+        """Run one attempt of ``block`` (the job's executor block); see the module contract."""
+        ...
+
+
+class ValueSourceError(Exception):
+    """A ``valueFrom`` source could not be read; the message names the variable."""
+
+
+def resolve_env(
+    env: Mapping[str, EnvValue],
+    environ: Mapping[str, str] | None = None,
+    read_file: Callable[[str], str] | None = None,
+) -> dict[str, str]:
+    """Literal values as they are; ``valueFrom`` read from the server's env or a file."""
+    environ = os.environ if environ is None else environ
+    resolved: dict[str, str] = {}
+    for name, value in env.items():
+        if isinstance(value, str):
+            resolved[name] = value
+            continue
+        source = value.value_from
+        if source.env is not None:
+            if source.env not in environ:
+                raise ValueSourceError(
+                    f"{name}: valueFrom.env {source.env} is not set in the OneOff server's "
+                    "environment"
+                )
+            resolved[name] = environ[source.env]
+        elif source.file is not None:
+            try:
+                text = read_file(source.file) if read_file else _read(source.file)
+            except OSError as exc:
+                raise ValueSourceError(
+                    f"{name}: valueFrom.file {source.file}: {exc.strerror or exc}"
+                ) from None
+            resolved[name] = text.rstrip("\n")
+    return resolved
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def cap_output(chunks: list[bytes], limit: int) -> tuple[str, bool]:
+    """Join captured bytes; ``truncated`` when the cap was hit (the caller stopped storing)."""
+    data = b"".join(chunks)
+    truncated = len(data) > limit
+    text = data[:limit].decode("utf-8", errors="replace")
+    if truncated:
+        text += TRUNCATION_MARK.format(limit=limit)
+    return text, truncated

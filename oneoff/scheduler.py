@@ -1,0 +1,299 @@
+"""Jobs → run slots → queued runs → claimed runs handed to the worker pool.
+
+Called by the daemon: :meth:`Scheduler.sync` after every reconcile that changed objects
+(and once on start), :meth:`Scheduler.run` as a task until stopped. It hands each claimed
+run to the ``dispatch`` callback (the worker pool) and learns from ``capacity`` how many
+more it may claim.
+
+Run identity is the (job uid, scheduled time) slot, unique in the store, so syncing,
+re-applying or restarting never creates a slot twice. The loop keeps nothing but the
+earliest due time in memory: it asks the store (an index on status and due time) for
+``MIN(due_at)``, sleeps exactly until then, and wakes early when a sync adds an earlier
+run, a worker frees up, or it is stopped — there is no fixed polling tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+from oneoff import triggers
+from oneoff.manifests import RUN_REQUESTED_ANNOTATION, JobSpec, OverlapPolicy
+from oneoff.records import RunStatus, Stored, isoformat, utcnow
+from oneoff.store import Dispatch, JobState, Store, Transaction
+
+log = logging.getLogger(__name__)
+
+FAR_FUTURE = "9999-12-31T00:00:00.000Z"
+
+
+class Scheduler:
+    """Creates run slots from job schedules and dispatches due runs by priority."""
+
+    def __init__(
+        self,
+        store: Store,
+        dispatch: Callable[[Dispatch], None],
+        capacity: Callable[[], int],
+        active_runs: Callable[[str], list[str]],
+        cancel_running: Callable[[str], bool],
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        recurring: bool = True,
+    ) -> None:
+        self.store = store
+        self.dispatch = dispatch
+        self.capacity = capacity
+        self.active_runs = active_runs
+        self.cancel_running = cancel_running
+        self.clock = clock
+        self.recurring = recurring
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wake(self) -> None:
+        """Look again now (a run was added, a worker freed up); safe from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    # --- slots -------------------------------------------------------------------------
+
+    def sync(self, jobs: list[Stored] | None = None, deleted: Sequence[Stored] = ()) -> int:
+        """Make sure every job's next slot exists and waiting runs match the job's spec.
+
+        ``jobs`` defaults to every Job in the store (start); ``deleted`` jobs have their
+        waiting runs cancelled. Returns how many runs were created. Blocking.
+        """
+        jobs = self.store.objects("Job") if jobs is None else jobs
+        states = self.store.job_states()
+        now = self.clock()
+        created = 0
+        with self.store.transaction(now) as tx:
+            for job in deleted:
+                for run_id, status, _ in self.store.waiting_of_job(job.uid):
+                    tx.set_run_status(run_id, status, RunStatus.CANCELLED, "the job was deleted")
+                tx.drop_job_state(job.uid)
+            for job in jobs:
+                created += self._sync_job(tx, job, states.get(job.uid), now)
+        if created:
+            self.wake()
+        return created
+
+    def _sync_job(
+        self, tx: Transaction, job: Stored, state: JobState | None, now: datetime
+    ) -> int:
+        spec = JobSpec.model_validate(job.spec)
+        requested = job.annotations.get(RUN_REQUESTED_ANNOTATION)
+        if state is None:
+            # a value present when the job first appears is the baseline, not a request
+            state = JobState(job.uid, isoformat(now), run_requested_at=requested)
+        first_seen = datetime.fromisoformat(state.first_seen_at)
+        deadline = timedelta(seconds=spec.starting_deadline_seconds)
+        created = 0
+        wanted: str | None = None
+        if spec.schedule is not None and spec.schedule.cron is None:
+            slot = triggers.one_time_slot(spec.schedule, first_seen)
+            if slot is not None:
+                wanted = isoformat(slot)
+        elif spec.schedule is not None and spec.schedule.cron is not None and self.recurring:
+            after = max(
+                datetime.fromisoformat(state.last_slot) if state.last_slot else now,
+                now - deadline,
+            )
+            slot = triggers.next_cron_slot(spec.schedule.cron, spec.schedule.time_zone, after)
+            if not self._has_waiting_scheduled(job.uid):
+                wanted = isoformat(slot)
+                state = JobState(state.job_uid, state.first_seen_at, wanted,
+                                 state.run_requested_at)
+        for run_id, status, scheduled in self.store.waiting_of_job(job.uid):
+            if wanted is not None and scheduled != wanted and spec.schedule is not None and (
+                spec.schedule.cron is None
+            ) and status is RunStatus.PENDING and _reason_is_schedule(self.store, run_id):
+                # the one-time schedule changed: the old slot is replaced by the new one
+                tx.set_run_status(run_id, status, RunStatus.CANCELLED,
+                                  f"re-timed to {wanted} by generation {job.generation}")
+            else:
+                tx.retime_run(run_id, job, scheduled, isoformat(
+                    datetime.fromisoformat(scheduled) + deadline))
+        if wanted is not None:
+            due = datetime.fromisoformat(wanted)
+            if tx.add_run(job, wanted, wanted, isoformat(due + deadline), "schedule"):
+                created += 1
+        if triggers.run_request_slot(requested, state.run_requested_at, now) is not None:
+            if tx.add_run(job, isoformat(now), isoformat(now), isoformat(now + deadline),
+                          "run-requested"):
+                created += 1
+            state = JobState(state.job_uid, state.first_seen_at, state.last_slot, requested)
+        tx.set_job_state(state)
+        return created
+
+    def _has_waiting_scheduled(self, job_uid: str) -> bool:
+        return any(status is RunStatus.PENDING for _, status, _ in
+                   self.store.waiting_of_job(job_uid))
+
+    def run_now(self, job: Stored, reason: str = "manual") -> str | None:
+        """An ad-hoc run of ``job``, due now (``oneoff run``); honours overlapPolicy."""
+        now = self.clock()
+        spec = JobSpec.model_validate(job.spec)
+        deadline = timedelta(seconds=spec.starting_deadline_seconds)
+        with self.store.transaction(now) as tx:
+            run_id = tx.add_run(job, isoformat(now), isoformat(now),
+                                isoformat(now + deadline), reason)
+        self.wake()
+        return run_id
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a pending, queued or running run; False if it had already finished."""
+        found = self.store.execution(run_id)
+        if found is None:
+            return False
+        status = found[0].status
+        if status in (RunStatus.PENDING, RunStatus.QUEUED):
+            with self.store.transaction(self.clock()) as tx:
+                if tx.set_run_status(run_id, status, RunStatus.CANCELLED, "cancelled"):
+                    return True
+            found = self.store.execution(run_id)  # it moved on meanwhile
+            status = found[0].status if found else status
+        return status is RunStatus.RUNNING and self.cancel_running(run_id)
+
+    def recover(self) -> tuple[list[str], int]:
+        """On start: runs left running by a crash become lost; idempotent jobs retry them.
+
+        Queued runs stay queued (they never started). Returns (lost run ids, retried).
+        """
+        retried = 0
+        with self.store.transaction(self.clock()) as tx:
+            lost = tx.recover_running()
+            for run_id, job_uid, _ in lost:
+                job = self.store.by_uid(job_uid)
+                if job is not None and JobSpec.model_validate(job.spec).idempotent:
+                    tx.retry_lost(run_id)
+                    retried += 1
+        if lost:
+            log.warning("%d run(s) were running when the server stopped: marked lost, %d "
+                        "retried (idempotent jobs)", len(lost), retried,
+                        extra={"action": "recover"})
+        return [run_id for run_id, _, _ in lost], retried
+
+    def purge(self, retention_days: float) -> tuple[int, int]:
+        """Drop finished runs beyond retention or their job's historyLimit, and old events."""
+        now = self.clock()
+        with self.store.transaction(now) as tx:
+            runs, events = tx.purge(isoformat(now - timedelta(days=retention_days)))
+        if runs or events:
+            log.info("purged %d execution(s) and %d event(s)", runs, events,
+                     extra={"action": "purge", "executions": runs, "events": events})
+        return runs, events
+
+    # --- the loop ------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Queue due runs and dispatch them, sleeping until the next due time."""
+        self._loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                for item in await asyncio.to_thread(self.tick):
+                    self.dispatch(item)  # on the loop thread: the pool starts tasks
+            except Exception:
+                log.exception("scheduler tick failed", extra={"action": "schedule"})
+            delay = await asyncio.to_thread(self._seconds_to_next_due)
+            if delay is None or delay > 0:
+                waiters = [asyncio.ensure_future(self._wake.wait()),
+                           asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+
+    def _seconds_to_next_due(self) -> float | None:
+        """Seconds until the earliest pending run, or None if there is none.
+
+        Queued runs waiting for a worker are looked at again when a worker frees up.
+        """
+        due = self.store.next_due()
+        if due is None:
+            return None
+        return max(0.0, (datetime.fromisoformat(due) - self.clock()).total_seconds())
+
+    def tick(self) -> list[Dispatch]:
+        """One pass: due runs → queued (or missed), then claim as many as workers are free.
+
+        Returns the claimed runs; the caller hands them to ``dispatch``. Blocking.
+        """
+        now = self.clock()
+        free = self.capacity()
+        dispatched: list[Dispatch] = []
+        with self.store.transaction(now) as tx:
+            missed, queued = tx.promote_due(tx.now)
+            if missed:
+                log.warning("%d run(s) missed their starting deadline", missed,
+                            extra={"action": "schedule"})
+            if free <= 0:
+                return []
+            jobs: dict[str, tuple[Stored, JobSpec] | None] = {}
+            for run_id, job_uid, _ in self.store.queued_candidates(free + 64):
+                if len(dispatched) >= free:
+                    break
+                if job_uid not in jobs:
+                    job = self.store.by_uid(job_uid)
+                    jobs[job_uid] = (job, JobSpec.model_validate(job.spec)) if job else None
+                entry = jobs[job_uid]
+                if entry is None:
+                    tx.set_run_status(run_id, RunStatus.QUEUED, RunStatus.CANCELLED,
+                                      "the job was deleted")
+                    continue
+                job, spec = entry
+                if not self._overlap_allows(tx, run_id, job, spec, dispatched):
+                    continue
+                claimed = tx.claim(run_id)
+                if claimed is not None:
+                    dispatched.append(Dispatch(claimed, job, spec))
+            if queued or dispatched:
+                cron_jobs = {d.job.uid for d in dispatched if d.spec.schedule is not None
+                             and d.spec.schedule.cron is not None}
+                states = self.store.job_states() if cron_jobs else {}
+                for uid in cron_jobs:
+                    entry = jobs.get(uid)
+                    if entry is not None:
+                        self._sync_job(tx, entry[0], states.get(uid), now)
+        return dispatched
+
+    def _overlap_allows(
+        self, tx: Transaction, run_id: str, job: Stored, spec: JobSpec,
+        dispatched: list[Dispatch],
+    ) -> bool:
+        active = self.active_runs(job.uid) + [d.run.id for d in dispatched
+                                              if d.job.uid == job.uid]
+        if not active or spec.overlap_policy is OverlapPolicy.ALLOW_ALL:
+            return True
+        policy = spec.overlap_policy
+        if policy is OverlapPolicy.SKIP:
+            tx.set_run_status(run_id, RunStatus.QUEUED, RunStatus.SKIPPED,
+                              f"skipped: run {active[0]} of this job was still active "
+                              "(overlapPolicy Skip)")
+        elif policy is OverlapPolicy.CANCEL_OTHER:
+            for other in active:
+                self.cancel_running(other)
+        elif policy is OverlapPolicy.BUFFER_ONE:
+            waiting = [r for r, s, _ in self.store.waiting_of_job(job.uid)
+                       if s is RunStatus.QUEUED and r != run_id]
+            if waiting and waiting[0] < run_id:
+                tx.set_run_status(run_id, RunStatus.QUEUED, RunStatus.SKIPPED,
+                                  "skipped: one run is already buffered (overlapPolicy BufferOne)")
+        return False
+
+
+def _reason_is_schedule(store: Store, run_id: str) -> bool:
+    found = store.execution(run_id)
+    return found is not None and found[0].reason == "schedule"
