@@ -46,14 +46,17 @@ class _ManifestLoader(_BaseLoader):  # type: ignore[valid-type,misc]
     """libyaml's safe loader, with timestamps kept as text and duplicate keys refused."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key_node.value!r} is written twice", key_node.start_mark
-                    )
-                seen.add(key_node.value)
+        keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+        if len(keys) != len(set(keys)):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key_node.value!r} is written twice",
+                            key_node.start_mark,
+                        )
+                    seen.add(key_node.value)
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         return mapping
 
@@ -90,23 +93,52 @@ class LoadResult:
         return not self.issues
 
 
+Fingerprint = tuple[int, int, int, int]
+"""(device, inode, size, mtime in ns) of a file, following symlinks."""
+
+
 class FileCache:
-    """Remembers each file's result by content hash so an unchanged file is not re-parsed."""
+    """Remembers each file's result so an unchanged file is not parsed again.
+
+    Two levels: a file whose content hash is unchanged is not re-parsed; a file whose
+    fingerprint (inode, size, mtime) is unchanged is not even re-read, when the caller
+    trusts fingerprints (a watcher-triggered pass; the periodic resync hashes everything).
+    A ConfigMap's symlink swap changes the inode behind the path, so it is always seen.
+    """
 
     def __init__(self) -> None:
         self._results: dict[str, FileResult] = {}
+        self._fingerprints: dict[str, Fingerprint] = {}
 
     def get(self, path: str, sha256: str) -> FileResult | None:
         result = self._results.get(path)
         return result if result is not None and result.sha256 == sha256 else None
 
-    def put(self, result: FileResult) -> None:
+    def unchanged(self, path: str, fingerprint: Fingerprint | None) -> FileResult | None:
+        if fingerprint is None or self._fingerprints.get(path) != fingerprint:
+            return None
+        return self._results.get(path)
+
+    def put(self, result: FileResult, fingerprint: Fingerprint | None = None) -> None:
         self._results[result.path] = result
+        if fingerprint is not None:
+            self._fingerprints[result.path] = fingerprint
+        else:
+            self._fingerprints.pop(result.path, None)
 
     def retain(self, paths: Iterable[str]) -> None:
         keep = set(paths)
         for path in [p for p in self._results if p not in keep]:
             del self._results[path]
+            self._fingerprints.pop(path, None)
+
+
+def _fingerprint(path: str) -> Fingerprint | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 # --- finding files -------------------------------------------------------------------
@@ -269,20 +301,57 @@ ALIAS_EXPANSION_LIMIT = 10_000
 def _compose_all(text: str) -> Iterator[tuple[yaml.Node, Any]]:
     """Each document's node tree (positions) with its constructed value."""
     loader = _ManifestLoader(text)
+    may_alias = "&" in text  # no anchor, no alias: nothing can expand
     try:
         while loader.check_node():
             node = loader.get_node()
             sizes: dict[int, int] = {}
-            size = _expanded_size(node, sizes)
+            size = _expanded_size(node, sizes) if may_alias else 0
             if size > ALIAS_EXPANSION_LIMIT and size > 10 * len(sizes):
                 raise yaml.MarkedYAMLError(
                     problem=f"aliases expand this document from {len(sizes):,} to {size:,} "
                     "values; refused (write the values out, or use fewer nested aliases)",
                     problem_mark=node.start_mark,
                 )
-            yield node, loader.construct_document(node)
+            if may_alias or "<<" in text:
+                # anchors and merge keys: PyYAML's own constructor handles their semantics
+                yield node, loader.construct_document(node)
+            else:
+                yield node, _plain_value(node, loader)
     finally:
         loader.dispose()
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _plain_value(node: yaml.Node, loader: _ManifestLoader) -> Any:
+    """Node tree → Python values for documents without anchors or merge keys.
+
+    Several times faster than PyYAML's general constructor, which is built for recursive
+    aliases; the result is the same. Scalars other than strings (ints, floats, booleans,
+    null; timestamps stay text) go through the loader's own resolvers.
+    """
+    if isinstance(node, yaml.ScalarNode):
+        return node.value if node.tag == _STR_TAG else loader.construct_object(node)
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain_value(item, loader) for item in node.value]
+    if isinstance(node, yaml.MappingNode):
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _plain_value(key_node, loader)
+            if key in mapping:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is written twice", key_node.start_mark
+                )
+            try:
+                mapping[key] = _plain_value(value_node, loader)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a plain value", key_node.start_mark
+                ) from None
+        return mapping
+    return loader.construct_object(node)
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
@@ -520,6 +589,7 @@ def load_paths(
     paths: Iterable[str],
     cache: FileCache | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    trust_fingerprints: bool = False,
 ) -> LoadResult:
     """Read every manifest under ``paths`` and check what needs all files at once.
 
@@ -534,18 +604,24 @@ def load_paths(
         result.failed_files.update(issue.file for issue in issues)
         for path in files:
             result.files.append(path)
-            data, issue = read_bytes(path, max_file_bytes)
-            if data is None:
-                assert issue is not None
-                result.issues.append(issue)
-                result.failed_files.add(path)
-                continue
-            sha = hashlib.sha256(data).hexdigest()
-            file_result = cache.get(path, sha) if cache is not None else None
+            fingerprint = _fingerprint(path) if cache is not None else None
+            file_result = (
+                cache.unchanged(path, fingerprint)
+                if cache is not None and trust_fingerprints else None
+            )
             if file_result is None:
-                file_result = parse_file(path, data)
+                data, issue = read_bytes(path, max_file_bytes)
+                if data is None:
+                    assert issue is not None
+                    result.issues.append(issue)
+                    result.failed_files.add(path)
+                    continue
+                sha = hashlib.sha256(data).hexdigest()
+                file_result = cache.get(path, sha) if cache is not None else None
+                if file_result is None:
+                    file_result = parse_file(path, data)
                 if cache is not None:
-                    cache.put(file_result)
+                    cache.put(file_result, fingerprint)
             result.objects.extend(file_result.objects)
             result.issues.extend(file_result.issues)
             result.failed_keys.update(file_result.failed_keys)

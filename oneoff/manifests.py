@@ -9,6 +9,7 @@ descriptions. Nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -69,6 +70,21 @@ def parse_duration(text: str) -> timedelta:
         return timedelta(seconds=seconds)
     except OverflowError:
         raise ValueError(f"{text!r} is too long a duration") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _cron_problem(expression: str) -> str | None:
+    """What is wrong with a cron expression, or None; cached, trees repeat expressions."""
+    if len(expression.split()) != 5 or not croniter.is_valid(expression):
+        return (
+            f"{expression!r} is not a five-field cron expression "
+            "(minute hour day month weekday)"
+        )
+    try:
+        croniter(expression, datetime(2000, 1, 1)).get_next(datetime)
+    except (CroniterBadDateError, ValueError):
+        return f"{expression!r} never fires (e.g. 30 February)"
+    return None
 
 
 class Model(BaseModel):
@@ -137,16 +153,9 @@ class Schedule(Model):
     @field_validator("cron")
     @classmethod
     def _cron_is_valid(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if len(value.split()) != 5 or not croniter.is_valid(value):
-            raise ValueError(
-                f"{value!r} is not a five-field cron expression (minute hour day month weekday)"
-            )
-        try:
-            croniter(value, datetime(2000, 1, 1)).get_next(datetime)
-        except (CroniterBadDateError, ValueError):
-            raise ValueError(f"{value!r} never fires (e.g. 30 February)") from None
+        problem = _cron_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("time_zone")

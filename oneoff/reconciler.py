@@ -15,12 +15,16 @@ into one more pass. A periodic resync repairs anything a watcher missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import gc
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import watchfiles
 
@@ -52,6 +56,7 @@ class DirectorySource:
     name: str = ""
     cache: FileCache = field(default_factory=FileCache)
     dirty: bool = False
+    full: bool = False
     busy: bool = False
 
     def __post_init__(self) -> None:
@@ -95,23 +100,46 @@ class Reconciler:
         self.resync_seconds = resync_seconds
         self.clock = clock
         self.on_applied = on_applied
+        self._stored_cache: tuple[int, list[Stored]] | None = None
         self.synced = asyncio.Event()
         """Set once every source has been reconciled at least once."""
 
     # --- one pass ------------------------------------------------------------------
 
-    def reconcile(self, source: DirectorySource) -> Report:
-        """Read, plan and apply one source (blocking; the async loop calls it in a thread)."""
+    def reconcile(self, source: DirectorySource, *, full: bool = True) -> Report:
+        """Read, plan and apply one source (blocking; the async loop calls it in a thread).
+
+        ``full=False`` (a watcher event) trusts file fingerprints to skip re-reading files
+        that did not change; a full pass (start, resync) hashes every file.
+        """
         started = time.perf_counter()
-        if not os.path.isdir(source.root):
-            what = "is not a directory" if os.path.exists(source.root) else "does not exist"
-            issue = Issue(source.root, f"manifest directory {what}; its objects are kept")
-            return self._record(source, None, [issue], started)
-        result = load_paths([source.root], source.cache, self.max_file_bytes)
-        stored = self.store.objects()
+        with _collector_paused():
+            if not os.path.isdir(source.root):
+                what = "is not a directory" if os.path.exists(source.root) else "does not exist"
+                issue = Issue(source.root, f"manifest directory {what}; its objects are kept")
+                return self._record(source, None, [issue], started)
+            result = load_paths(
+                [source.root], source.cache, self.max_file_bytes, trust_fingerprints=not full
+            )
+            report = self._reconcile_loaded(source, result, started)
+            if report.plan is not None and report.plan.has_changes:
+                self._stored()  # re-read now, after the write, not when the next edit waits
+            return report
+
+    def _reconcile_loaded(
+        self, source: DirectorySource, result: LoadResult, started: float
+    ) -> Report:
+        stored = self._stored()
         check_references(result, (obj.key for obj in stored if obj.source != source.name))
         the_plan = self.plan(source.name, result, stored)
         return self._record(source, the_plan, list(the_plan.issues), started)
+
+    def _stored(self) -> list[Stored]:
+        """Every stored object (without status), re-read only when an object changed."""
+        revision = self.store.objects_revision()
+        if self._stored_cache is None or self._stored_cache[0] != revision:
+            self._stored_cache = (revision, self.store.objects(with_status=False))
+        return self._stored_cache[1]
 
     def plan(self, source: str, result: LoadResult, stored: list[Stored]) -> Plan:
         declared = {obj.key for obj in result.objects}
@@ -135,16 +163,23 @@ class Reconciler:
         previous = {status.name: status for status in self.store.sources()}.get(the_plan.source)
         with self.store.transaction(now) as tx:
             if the_plan.refused is None:
+                tx.create_many(
+                    [(change.desired, _ready(change, {}, 1, now))
+                     for change in the_plan.of(Action.CREATE) if change.desired],
+                    the_plan.source,
+                )
                 for change in the_plan.changes:
-                    if change.action is Action.CREATE and change.desired:
-                        tx.create(change.desired, the_plan.source, _ready(change, 1, now))
+                    if change.action is Action.CREATE:
+                        continue
                     elif change.action is Action.UPDATE and change.desired and change.stored:
                         generation = change.stored.generation + change.spec_changed
+                        current = self.store.by_uid(change.stored.uid)
+                        status = current.status if current else {}
                         tx.update(
                             change.stored.uid,
                             change.desired,
                             the_plan.source,
-                            _ready(change, generation, now),
+                            _ready(change, status, generation, now),
                         )
                     elif change.action is Action.DELETE and change.stored:
                         tx.delete(change.stored)
@@ -226,17 +261,18 @@ class Reconciler:
             self.synced.set()
             group.create_task(self._resync(stop))
 
-    async def trigger(self, source: DirectorySource) -> None:
+    async def trigger(self, source: DirectorySource, *, full: bool = True) -> None:
         """Reconcile ``source`` soon; calls made while one runs coalesce into one more pass."""
         source.dirty = True
+        source.full = source.full or full
         if source.busy:
             return
         source.busy = True
         try:
             while source.dirty:
-                source.dirty = False
+                source.dirty, full, source.full = False, source.full, False
                 try:
-                    await asyncio.to_thread(self.reconcile, source)
+                    await asyncio.to_thread(functools.partial(self.reconcile, source, full=full))
                 except Exception:
                     log.exception(
                         "reconcile crashed", extra={"action": "reconcile", "source": source.name}
@@ -266,7 +302,7 @@ class Reconciler:
                     recursive=True,
                     ignore_permission_denied=True,
                 ):
-                    await self.trigger(source)
+                    await self.trigger(source, full=False)
             except (OSError, RuntimeError) as exc:
                 log.warning(
                     "watch of %s stopped: %s",
@@ -282,6 +318,23 @@ class Reconciler:
                 await self.trigger(source)
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for one pass.
+
+    A pass allocates tens of thousands of small, acyclic objects; measured on a
+    10,000-object tree the collector took a third of the time. Reference counting still
+    frees them.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep up to ``seconds``; True if ``stop`` was set meanwhile."""
     try:
@@ -291,10 +344,11 @@ async def _wait(stop: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-def _ready(change: Change, generation: int, now: datetime) -> dict[str, object]:
+def _ready(
+    change: Change, previous: dict[str, Any], generation: int, now: datetime
+) -> dict[str, object]:
     """The status of a created or updated object: Ready, at the generation it now has."""
     assert change.desired is not None
-    previous = change.stored.status if change.stored else {}
     conditions = [c for c in previous.get("conditions", []) if c.get("type") != "Ready"]
     conditions.append(
         condition(

@@ -202,3 +202,9 @@ DELETE FROM events WHERE at < :before;
 UPDATE executions SET status = 'pending', due_at = :now, finished_at = NULL,
     deadline_at = '9999-12-31T00:00:00.000Z'
 WHERE id = :id AND status = 'lost';
+
+-- name: bump_objects_revision
+UPDATE counters SET value = value + 1 WHERE name = 'objects';
+
+-- name: objects_revision
+SELECT value FROM counters WHERE name = 'objects';
