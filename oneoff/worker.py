@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from oneoff.executors import (
+    Cancelled,
     Executor,
     Outcome,
     OutcomeStatus,
@@ -102,6 +103,9 @@ class WorkerPool:
         self.rand = rand
         self._tasks: dict[str, tuple[asyncio.Task[None], str]] = {}
         self._cancel_reasons: dict[str, str] = {}
+        self._finished: list[tuple[_Finished, asyncio.Future[None]]] = []
+        self._writing = False
+        self._writer: asyncio.Task[None] | None = None
 
     def capacity(self) -> int:
         return self.size - len(self._tasks)
@@ -157,8 +161,10 @@ class WorkerPool:
         try:
             outcome = await self._attempt(item, timeout)
             status = _STATUS[outcome.status]
-        except asyncio.CancelledError:
-            outcome = Outcome(OutcomeStatus.FAILED,
+        except asyncio.CancelledError as exc:
+            partial = exc.outcome if isinstance(exc, Cancelled) else Outcome(OutcomeStatus.FAILED)
+            outcome = Outcome(OutcomeStatus.FAILED, output=partial.output,
+                              truncated=partial.truncated,
                               error=self._cancel_reasons.pop(run.id, "cancelled"))
             status = RunStatus.CANCELLED
         except Exception as exc:  # a bug in an executor must not kill the pool
@@ -177,7 +183,7 @@ class WorkerPool:
                 decision = RetryDecision(False, reason="activeDeadlineSeconds reached")
             retry_at = (isoformat(self.clock() + timedelta(seconds=decision.delay))
                         if decision.retry else None)
-            await asyncio.to_thread(self._record, item, status, outcome, retry_at)
+            await self._record(_Finished(item, status, outcome, retry_at))
             log.info("%s%s", status, f", retry: {decision.reason}" if decision.retry else "",
                      extra={**extra, "status": status.value, "error": outcome.error})
         finally:
@@ -203,15 +209,54 @@ class WorkerPool:
         )
         return await executor.run(getattr(spec, run.type), ctx)
 
-    def _record(
-        self, item: Dispatch, status: RunStatus, outcome: Outcome, retry_at: str | None
-    ) -> None:
+    async def _record(self, finished: _Finished) -> None:
+        """Record an attempt's end; returns once it is committed.
+
+        Attempts that end while a write is in progress are committed together in the next
+        transaction (group commit): one commit per batch instead of one per run.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finished.append((finished, future))
+        if not self._writing:
+            self._writing = True
+            self._writer = asyncio.create_task(self._write_batches())
+        await future
+
+    async def _write_batches(self) -> None:
+        try:
+            while self._finished:
+                batch, self._finished = self._finished, []
+                try:
+                    await asyncio.to_thread(self._write, [f for f, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        future.set_result(None)
+        finally:
+            self._writing = False
+
+    def _write(self, batch: list[_Finished]) -> None:
         with self.store.transaction(self.clock()) as tx:
-            tx.finish_attempt(
-                item.run.id, item.run.attempt, status, exit_code=outcome.exit_code,
-                http_status=outcome.http_status, error=outcome.error, output=outcome.output,
-                truncated=outcome.truncated, retry_at=retry_at,
-            )
+            for done in batch:
+                outcome = done.outcome
+                tx.finish_attempt(
+                    done.item.run.id, done.item.run.attempt, done.status,
+                    exit_code=outcome.exit_code, http_status=outcome.http_status,
+                    error=outcome.error, output=outcome.output, truncated=outcome.truncated,
+                    retry_at=done.retry_at,
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    """An ended attempt waiting to be written."""
+
+    item: Dispatch
+    status: RunStatus
+    outcome: Outcome
+    retry_at: str | None
 
 
 def _min(a: float | None, b: float | None) -> float | None:

@@ -185,3 +185,28 @@ def test_kill_9_loses_nothing_and_runs_nothing_twice(
     assert Path(f"{marks}.safe").read_text() == "1\n2\n"  # idempotent: retried once
     paths = sorted(request["path"] for request in sink.requests)
     assert paths == sorted(f"/{i}" for i in range(50))  # each exactly once
+
+
+def test_shutdown_lets_short_jobs_finish_and_cancels_long_ones(
+    tmp_path: Path, serve: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ONEOFF_SHUTDOWN_GRACE_SECONDS", "2")
+    monkeypatch.setenv("ONEOFF_KILL_GRACE_SECONDS", "0.5")
+    jobs = tmp_path / "jobs.d"
+    jobs.mkdir()
+    (jobs / "short.yaml").write_text(manifest(
+        "short", "{at: now}", "  shell: {script: 'sleep 1; echo done'}\n"))
+    (jobs / "long.yaml").write_text(manifest(
+        "long", "{at: now}", "  shell: {script: 'echo started; sleep 60'}\n"))
+    server = serve()
+    wait_until(lambda: phase(server, "short") == "running" and phase(server, "long") == "running",
+               timeout=15)
+    long_run = executions(server)["long"][0]["metadata"]["name"]
+
+    assert server.terminate() == 0
+
+    assert phase(server, "short") == "succeeded"
+    assert phase(server, "long") == "cancelled"
+    assert "shut down" in executions(server)["long"][0]["status"]["error"]
+    assert server.oneoff("logs", "long").stdout == "started\n"
+    assert processes_of_runs([long_run]) == {}

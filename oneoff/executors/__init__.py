@@ -12,7 +12,8 @@ The contract, stated once here:
   after ``ctx.kill_grace``) and returns ``Outcome(status=TIMED_OUT)``.
 - Cancellation is asyncio cancellation of the task running ``run``: the executor stops the
   work completely, in the same way as for a timeout, and then re-raises
-  ``CancelledError``. No process, request or container of the attempt survives it.
+  ``CancelledError`` — or raises :class:`Cancelled` (a ``CancelledError``) carrying the
+  output captured so far. No process, request or container of the attempt survives it.
 - Output is captured up to ``ctx.output_limit`` bytes; beyond that it is dropped and
   ``Outcome.truncated`` is set (the text ends with :data:`TRUNCATION_MARK`).
 - Problems a user can act on (connection refused, executable not found, a missing
@@ -22,6 +23,7 @@ The contract, stated once here:
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -77,6 +79,14 @@ class Outcome:
     truncated: bool = False
     error: str = ""
     """One line a user can act on; empty on success."""
+
+
+class Cancelled(asyncio.CancelledError):
+    """A cancellation that carries what the attempt printed before it was stopped."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("cancelled")
+        self.outcome = outcome
 
 
 class Executor(Protocol):

@@ -22,6 +22,7 @@ import subprocess
 from collections.abc import Mapping
 
 from oneoff.executors import (
+    Cancelled,
     Outcome,
     OutcomeStatus,
     RunContext,
@@ -131,7 +132,10 @@ class ShellRunner:
             done, _ = await asyncio.wait([pipe.exited], timeout=ctx.timeout)
         except asyncio.CancelledError:
             await _stop(group, pipe, ctx.kill_grace)
-            raise
+            await asyncio.wait([pipe.closed], timeout=self.drain_timeout)
+            output, truncated = cap_output(pipe.chunks, pipe.limit)
+            raise Cancelled(Outcome(OutcomeStatus.FAILED, output=output,
+                                    truncated=truncated)) from None
         if not done:
             await _stop(group, pipe, ctx.kill_grace)
         else:
