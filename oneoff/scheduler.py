@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from oneoff import triggers
@@ -52,6 +53,17 @@ class Scheduler:
         self.recurring = recurring
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._specs: dict[tuple[str, str], JobSpec] = {}
+
+    def _spec(self, job: Stored) -> JobSpec:
+        """The job's validated spec, cached by spec digest (dispatch reads it per run)."""
+        key = (job.uid, job.spec_digest)
+        spec = self._specs.get(key)
+        if spec is None:
+            if len(self._specs) >= 4096:
+                self._specs.clear()
+            spec = self._specs[key] = JobSpec.model_validate_json(job.spec_json)
+        return spec
 
     def wake(self) -> None:
         """Look again now (a run was added, a worker freed up); safe from any thread."""
@@ -75,17 +87,22 @@ class Scheduler:
         ``jobs`` defaults to every Job in the store (start); ``deleted`` jobs have their
         waiting runs cancelled. Returns how many runs were created. Blocking.
         """
-        jobs = self.store.objects("Job") if jobs is None else jobs
-        states = self.store.job_states()
         now = self.clock()
         created = 0
-        with self.store.transaction(now) as tx:
-            for job in deleted:
-                for run_id, status, _ in self.store.waiting_of_job(job.uid):
-                    tx.set_run_status(run_id, status, RunStatus.CANCELLED, "the job was deleted")
-                tx.drop_job_state(job.uid)
-            for job in jobs:
-                created += self._sync_job(tx, job, states.get(job.uid), now)
+        if deleted:
+            with self.store.transaction(now) as tx:
+                for job in deleted:
+                    for waiting in self.store.waiting_of_job(job.uid):
+                        tx.set_run_status(waiting.id, waiting.status, RunStatus.CANCELLED,
+                                          "the job was deleted")
+                    tx.drop_job_state(job.uid)
+        batches = (self.store.jobs_needing_sync() if jobs is None else
+                   (jobs[i:i + 1000] for i in range(0, len(jobs), 1000)))
+        for batch in batches:
+            states = self.store.job_states(job.uid for job in batch)
+            with self.store.transaction(now) as tx:
+                for job in batch:
+                    created += self._sync_job(tx, job, states.get(job.uid), now)
         if created:
             self.wake()
         return created
@@ -93,13 +110,14 @@ class Scheduler:
     def _sync_job(
         self, tx: Transaction, job: Stored, state: JobState | None, now: datetime
     ) -> int:
-        spec = JobSpec.model_validate(job.spec)
+        spec = self._spec(job)
         requested = job.annotations.get(RUN_REQUESTED_ANNOTATION)
         if state is None:
             # a value present when the job first appears is the baseline, not a request
             state = JobState(job.uid, isoformat(now), run_requested_at=requested)
         first_seen = datetime.fromisoformat(state.first_seen_at)
         deadline = timedelta(seconds=spec.starting_deadline_seconds)
+        waiting = self.store.waiting_of_job(job.uid)
         created = 0
         wanted: str | None = None
         if spec.schedule is not None and spec.schedule.cron is None:
@@ -112,20 +130,22 @@ class Scheduler:
                 now - deadline,
             )
             slot = triggers.next_cron_slot(spec.schedule.cron, spec.schedule.time_zone, after)
-            if not self._has_waiting_scheduled(job.uid):
+            if not any(w.status is RunStatus.PENDING and w.reason == "schedule"
+                       for w in waiting):
                 wanted = isoformat(slot)
-                state = JobState(state.job_uid, state.first_seen_at, wanted,
-                                 state.run_requested_at)
-        for run_id, status, scheduled in self.store.waiting_of_job(job.uid):
-            if wanted is not None and scheduled != wanted and spec.schedule is not None and (
-                spec.schedule.cron is None
-            ) and status is RunStatus.PENDING and _reason_is_schedule(self.store, run_id):
+                state = replace(state, last_slot=wanted)
+        for run in waiting:
+            if run.attempt > 0:
+                continue  # a retry waits for its backoff; the schedule does not move it
+            if (wanted is not None and run.scheduled_at != wanted and run.reason == "schedule"
+                    and spec.schedule is not None and spec.schedule.cron is None
+                    and run.status is RunStatus.PENDING):
                 # the one-time schedule changed: the old slot is replaced by the new one
-                tx.set_run_status(run_id, status, RunStatus.CANCELLED,
+                tx.set_run_status(run.id, run.status, RunStatus.CANCELLED,
                                   f"re-timed to {wanted} by generation {job.generation}")
             else:
-                tx.retime_run(run_id, job, scheduled, isoformat(
-                    datetime.fromisoformat(scheduled) + deadline))
+                tx.retime_run(run.id, job, run.scheduled_at, isoformat(
+                    datetime.fromisoformat(run.scheduled_at) + deadline))
         if wanted is not None:
             due = datetime.fromisoformat(wanted)
             if tx.add_run(job, wanted, wanted, isoformat(due + deadline), "schedule"):
@@ -134,18 +154,14 @@ class Scheduler:
             if tx.add_run(job, isoformat(now), isoformat(now), isoformat(now + deadline),
                           "run-requested"):
                 created += 1
-            state = JobState(state.job_uid, state.first_seen_at, state.last_slot, requested)
-        tx.set_job_state(state)
+            state = replace(state, run_requested_at=requested)
+        tx.set_job_state(replace(state, generation=job.generation))
         return created
-
-    def _has_waiting_scheduled(self, job_uid: str) -> bool:
-        return any(status is RunStatus.PENDING for _, status, _ in
-                   self.store.waiting_of_job(job_uid))
 
     def run_now(self, job: Stored, reason: str = "manual") -> str | None:
         """An ad-hoc run of ``job``, due now (``oneoff run``); honours overlapPolicy."""
         now = self.clock()
-        spec = JobSpec.model_validate(job.spec)
+        spec = self._spec(job)
         deadline = timedelta(seconds=spec.starting_deadline_seconds)
         with self.store.transaction(now) as tx:
             run_id = tx.add_run(job, isoformat(now), isoformat(now),
@@ -177,7 +193,7 @@ class Scheduler:
             lost = tx.recover_running()
             for run_id, job_uid, _ in lost:
                 job = self.store.by_uid(job_uid)
-                if job is not None and JobSpec.model_validate(job.spec).idempotent:
+                if job is not None and self._spec(job).idempotent:
                     tx.retry_lost(run_id)
                     retried += 1
         if lost:
@@ -247,7 +263,7 @@ class Scheduler:
                     break
                 if job_uid not in jobs:
                     job = self.store.by_uid(job_uid)
-                    jobs[job_uid] = (job, JobSpec.model_validate(job.spec)) if job else None
+                    jobs[job_uid] = (job, self._spec(job)) if job else None
                 entry = jobs[job_uid]
                 if entry is None:
                     tx.set_run_status(run_id, RunStatus.QUEUED, RunStatus.CANCELLED,
@@ -262,7 +278,7 @@ class Scheduler:
             if queued or dispatched:
                 cron_jobs = {d.job.uid for d in dispatched if d.spec.schedule is not None
                              and d.spec.schedule.cron is not None}
-                states = self.store.job_states() if cron_jobs else {}
+                states = self.store.job_states(cron_jobs) if cron_jobs else {}
                 for uid in cron_jobs:
                     entry = jobs.get(uid)
                     if entry is not None:
@@ -286,14 +302,11 @@ class Scheduler:
             for other in active:
                 self.cancel_running(other)
         elif policy is OverlapPolicy.BUFFER_ONE:
-            waiting = [r for r, s, _ in self.store.waiting_of_job(job.uid)
-                       if s is RunStatus.QUEUED and r != run_id]
-            if waiting and waiting[0] < run_id:
+            waiting = [w.id for w in self.store.waiting_of_job(job.uid)
+                       if w.status is RunStatus.QUEUED and w.id != run_id]
+            if waiting and min(waiting) < run_id:
                 tx.set_run_status(run_id, RunStatus.QUEUED, RunStatus.SKIPPED,
                                   "skipped: one run is already buffered (overlapPolicy BufferOne)")
         return False
 
 
-def _reason_is_schedule(store: Store, run_id: str) -> bool:
-    found = store.execution(run_id)
-    return found is not None and found[0].reason == "schedule"

@@ -19,12 +19,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from oneoff.errors import Issue, StoreError
 from oneoff.manifests import JobSpec
@@ -215,16 +215,23 @@ class Store:
 
     # --- runs: reads ---------------------------------------------------------------
 
-    def job_states(self) -> dict[str, JobState]:
+    def job_states(self, uids: Iterable[str]) -> dict[str, JobState]:
         with self._lock:
-            rows = self._run("select_job_state").fetchall()
+            rows = self._run("select_job_state", {"uids": json.dumps(list(uids))}).fetchall()
         return {row[0]: JobState(*row) for row in rows}
 
-    def waiting_of_job(self, job_uid: str) -> list[tuple[str, RunStatus, str]]:
-        """(id, status, scheduled_at) of the job's pending and queued runs."""
+    def jobs_needing_sync(self, batch: int = 1000) -> Iterator[list[Stored]]:
+        """Jobs the scheduler must look at again, in batches (never all in memory)."""
+        with self._lock:
+            rows = self._run("jobs_needing_sync").fetchall()
+        for start in range(0, len(rows), batch):
+            yield [_stored(row) for row in rows[start:start + batch]]
+
+    def waiting_of_job(self, job_uid: str) -> list[Waiting]:
+        """The job's pending and queued runs."""
         with self._lock:
             rows = self._run("waiting_of_job", {"job_uid": job_uid}).fetchall()
-        return [(row[0], RunStatus(row[1]), row[2]) for row in rows]
+        return [Waiting(row[0], RunStatus(row[1]), row[2], row[3], row[4]) for row in rows]
 
     def next_due(self) -> str | None:
         with self._lock:
@@ -504,7 +511,8 @@ class Transaction:
     def set_job_state(self, state: JobState) -> None:
         self._store._run("upsert_job_state", {
             "job_uid": state.job_uid, "first_seen_at": state.first_seen_at,
-            "last_slot": state.last_slot, "run_requested_at": state.run_requested_at})
+            "last_slot": state.last_slot, "run_requested_at": state.run_requested_at,
+            "generation": state.generation})
 
     def drop_job_state(self, job_uid: str) -> None:
         self._store._run("delete_job_state", {"job_uid": job_uid})
@@ -546,6 +554,18 @@ class JobState:
     first_seen_at: str
     last_slot: str | None = None
     run_requested_at: str | None = None
+    generation: int = 0
+    """The job generation this state was last synced at."""
+
+
+class Waiting(NamedTuple):
+    """A pending or queued run of a job, as the scheduler re-times it."""
+
+    id: str
+    status: RunStatus
+    scheduled_at: str
+    reason: str
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,19 +66,36 @@ ON CONFLICT (job_uid, scheduled_at) DO NOTHING
 RETURNING seq;
 
 -- name: select_job_state
-SELECT job_uid, first_seen_at, last_slot, run_requested_at FROM job_state;
+SELECT job_uid, first_seen_at, last_slot, run_requested_at, generation FROM job_state
+WHERE job_uid IN (SELECT value FROM json_each(:uids));
 
 -- name: upsert_job_state
-INSERT INTO job_state (job_uid, first_seen_at, last_slot, run_requested_at)
-VALUES (:job_uid, :first_seen_at, :last_slot, :run_requested_at)
+INSERT INTO job_state (job_uid, first_seen_at, last_slot, run_requested_at, generation)
+VALUES (:job_uid, :first_seen_at, :last_slot, :run_requested_at, :generation)
 ON CONFLICT (job_uid) DO UPDATE SET
-    last_slot = excluded.last_slot, run_requested_at = excluded.run_requested_at;
+    last_slot = excluded.last_slot, run_requested_at = excluded.run_requested_at,
+    generation = excluded.generation;
+
+-- name: jobs_needing_sync
+-- Jobs the scheduler has not synced at their current generation, whose run-request
+-- annotation moved, or cron jobs without a waiting slot (what a crash can leave behind).
+SELECT o.uid, o.kind, o.namespace, o.name, o.generation, o.spec, o.meta, o.spec_digest,
+       o.source, o.file, o.line, o.created_at, o.updated_at, o.status
+FROM objects o LEFT JOIN job_state s ON s.job_uid = o.uid
+WHERE o.kind = 'Job'
+  AND (s.job_uid IS NULL
+       OR s.generation != o.generation
+       OR COALESCE(json_extract(o.meta, '$[1]."oneoff.dev/run-requested-at"'), '')
+          != COALESCE(s.run_requested_at, '')
+       OR (json_extract(o.spec, '$.schedule.cron') IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM executions e
+                           WHERE e.job_uid = o.uid AND e.status IN ('pending', 'queued'))));
 
 -- name: delete_job_state
 DELETE FROM job_state WHERE job_uid = :job_uid;
 
 -- name: waiting_of_job
-SELECT id, status, scheduled_at FROM executions
+SELECT id, status, scheduled_at, reason, attempt FROM executions
 WHERE job_uid = :job_uid AND status IN ('pending', 'queued');
 
 -- name: retime_execution
