@@ -104,7 +104,7 @@ def cli() -> None:
 @click.option("--config", "config_file", help="YAML file of settings [env ONEOFF_CONFIG]")
 def serve(config_file: str | None, **flags: Any) -> int:
     """Reconcile the manifest directories into the state file and keep watching them."""
-    from oneoff import daemon  # the server's imports (httpx, asyncio) are not the CLI's
+    from oneoff import daemon  # the server's imports (aiohttp, asyncio) are not the CLI's
 
     settings = load_settings(flags, config_file=config_file)
     daemon.serve(settings)

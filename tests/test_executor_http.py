@@ -352,3 +352,21 @@ def test_a_header_value_that_cannot_be_sent_fails_without_quoting_it(
     assert outcome.error == (
         "header Authorization: the value has a line break or a character outside printable ASCII"
     )
+
+
+def test_proxy_from_the_server_env_is_used_unless_no_proxy_says_otherwise(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url)  # the loopback server answers as the proxy
+    monkeypatch.setenv("NO_PROXY", "bypassed.invalid")
+
+    proxied = run(http(url="http://hooks.invalid/echo"))
+    assert proxied.status is OutcomeStatus.SUCCEEDED
+    assert echoed(proxied)["headers"]["host"] == "hooks.invalid"
+
+    bypassed = run(http(url="http://bypassed.invalid/echo"))
+    assert bypassed.status is OutcomeStatus.FAILED
+    assert bypassed.error.startswith("cannot connect to http://bypassed.invalid/echo: ")
