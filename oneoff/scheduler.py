@@ -220,17 +220,22 @@ class Scheduler:
         while not stop.is_set():
             self._wake.clear()
             try:
-                for item in await asyncio.to_thread(self.tick):
+                dispatched, delay = await asyncio.to_thread(self._pass)
+                for item in dispatched:
                     self.dispatch(item)  # on the loop thread: the pool starts tasks
             except Exception:
                 log.exception("scheduler tick failed", extra={"action": "schedule"})
-            delay = await asyncio.to_thread(self._seconds_to_next_due)
+                delay = 1.0
             if delay is None or delay > 0:
                 waiters = [asyncio.ensure_future(self._wake.wait()),
                            asyncio.ensure_future(stop.wait())]
                 await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waiters:
                     waiter.cancel()
+
+    def _pass(self) -> tuple[list[Dispatch], float | None]:
+        """One tick and the time to sleep after it, in one trip to the store's thread."""
+        return self.tick(), self._seconds_to_next_due()
 
     def _seconds_to_next_due(self) -> float | None:
         """Seconds until the earliest pending run, or None if there is none.
@@ -257,24 +262,26 @@ class Scheduler:
                             extra={"action": "schedule"})
             if free <= 0:
                 return []
-            jobs: dict[str, tuple[Stored, JobSpec] | None] = {}
-            for run_id, job_uid, _ in self.store.queued_candidates(free + 64):
-                if len(dispatched) >= free:
+            candidates = self.store.queued_candidates(free + 64)
+            found = self.store.by_uids({job_uid for _, job_uid, _ in candidates})
+            jobs = {uid: (job, self._spec(job)) for uid, job in found.items()}
+            selected: list[tuple[str, Stored, JobSpec]] = []
+            for run_id, job_uid, _ in candidates:
+                if len(selected) >= free:
                     break
-                if job_uid not in jobs:
-                    job = self.store.by_uid(job_uid)
-                    jobs[job_uid] = (job, self._spec(job)) if job else None
-                entry = jobs[job_uid]
+                entry = jobs.get(job_uid)
                 if entry is None:
                     tx.set_run_status(run_id, RunStatus.QUEUED, RunStatus.CANCELLED,
                                       "the job was deleted")
                     continue
                 job, spec = entry
-                if not self._overlap_allows(tx, run_id, job, spec, dispatched):
-                    continue
-                claimed = tx.claim(run_id)
-                if claimed is not None:
-                    dispatched.append(Dispatch(claimed, job, spec))
+                if self._overlap_allows(tx, run_id, job, spec, [s[1].uid for s in selected]):
+                    selected.append((run_id, job, spec))
+            by_run = {run_id: (job, spec) for run_id, job, spec in selected}
+            dispatched = [
+                Dispatch(claimed, *by_run[claimed.id])
+                for claimed in tx.claim_many([run_id for run_id, _, _ in selected])
+            ]
             if queued or dispatched:
                 cron_jobs = {d.job.uid for d in dispatched if d.spec.schedule is not None
                              and d.spec.schedule.cron is not None}
@@ -287,10 +294,15 @@ class Scheduler:
 
     def _overlap_allows(
         self, tx: Transaction, run_id: str, job: Stored, spec: JobSpec,
-        dispatched: list[Dispatch],
+        selected_jobs: list[str],
     ) -> bool:
-        active = self.active_runs(job.uid) + [d.run.id for d in dispatched
-                                              if d.job.uid == job.uid]
+        """Whether ``run_id`` may start now; records a skip or cancels per overlapPolicy.
+
+        ``selected_jobs`` are the job uids already chosen in this pass (they count as
+        active).
+        """
+        active = self.active_runs(job.uid) + ["(starting)" for uid in selected_jobs
+                                              if uid == job.uid]
         if not active or spec.overlap_policy is OverlapPolicy.ALLOW_ALL:
             return True
         policy = spec.overlap_policy

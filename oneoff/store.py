@@ -178,9 +178,16 @@ class Store:
             row = self._run("select_object_by_uid", {"uid": uid}).fetchone()
         return _stored(row) if row else None
 
+    def by_uids(self, uids: Iterable[str]) -> dict[str, Stored]:
+        with self._lock:
+            rows = self._run("select_objects_by_uid", {"uids": json.dumps(list(uids))}).fetchall()
+        return {row[0]: _stored(row) for row in rows}
+
     def get(self, key: ObjectKey) -> Stored | None:
-        found = self.objects(key.kind, key.namespace, name=key.name)
-        return found[0] if found else None
+        params = {"kind": key.kind, "namespace": key.namespace, "name": key.name}
+        with self._lock:
+            row = self._run("select_object", params).fetchone()
+        return _stored(row) if row else None
 
     def sources(self) -> list[SourceStatus]:
         with self._lock:
@@ -466,6 +473,54 @@ class Transaction:
                    run_id, {"run": run_id, "attempt": claimed.attempt})
         return claimed
 
+    def claim_many(self, run_ids: list[str]) -> list[Claimed]:
+        """queued → running for many runs in one statement, in the order given."""
+        if not run_ids:
+            return []
+        rows = self._store._run("claim_executions", {
+            "ids": json.dumps(run_ids), "now": self.now}).fetchall()
+        claimed = {row[0]: Claimed(*row) for row in rows}
+        ordered = [claimed[run_id] for run_id in run_ids if run_id in claimed]
+        db, queries = self._store._db, self._store._queries
+        db.executemany(queries["insert_attempt"], [
+            {"id": c.id, "attempt": c.attempt, "now": self.now} for c in ordered])
+        db.executemany(queries["insert_event"], [
+            {"at": self.now, "type": "execution.running", "kind": "Job",
+             "namespace": c.namespace, "name": c.name, "uid": c.id,
+             "data": canonical_json({"run": c.id, "attempt": c.attempt})}
+            for c in ordered])
+        return ordered
+
+    def finish_many(self, finished: list[Finish]) -> None:
+        """Record the end of many attempts at once (the worker pool's group commit)."""
+        attempts, executions, events = [], [], []
+        for f in finished:
+            after = RunStatus.PENDING if f.retry_at else f.status
+            check_transition(RunStatus.RUNNING, after)
+            common = {"id": f.run_id, "now": self.now, "exit_code": f.exit_code,
+                      "http_status": f.http_status, "error": f.error}
+            attempts.append({**common, "attempt": f.attempt, "status": f.status.value})
+            executions.append({**common, "status": after.value, "final": after.final,
+                               "due_at": f.retry_at or self.now, "output": f.output,
+                               "truncated": f.truncated})
+            events.append({
+                "at": self.now,
+                "type": "execution.retrying" if f.retry_at else f"execution.{f.status.value}",
+                "kind": "Job", "namespace": f.namespace, "name": f.name, "uid": f.run_id,
+                "data": canonical_json({
+                    "run": f.run_id, "attempt": f.attempt, "status": f.status.value,
+                    "error": f.error, "exitCode": f.exit_code, "httpStatus": f.http_status,
+                    **({"retryAt": f.retry_at} if f.retry_at else {})}),
+            })
+        db, queries = self._store._db, self._store._queries
+        try:
+            db.executemany(queries["finish_attempt"], attempts)
+            db.executemany(queries["finish_execution_batched"], executions)
+            db.executemany(queries["insert_event"], events)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state file {self._store.path}: recording runs failed: {exc}"
+                             ) from exc
+
     def finish_attempt(
         self, run_id: str, attempt: int, status: RunStatus, *, exit_code: int | None,
         http_status: int | None, error: str, output: str, truncated: bool,
@@ -566,6 +621,23 @@ class Waiting(NamedTuple):
     scheduled_at: str
     reason: str
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The end of one attempt, as the worker pool records it."""
+
+    run_id: str
+    namespace: str
+    name: str
+    attempt: int
+    status: RunStatus
+    exit_code: int | None
+    http_status: int | None
+    error: str
+    output: str
+    truncated: bool
+    retry_at: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from oneoff.executors import (
 )
 from oneoff.manifests import Retry
 from oneoff.records import RunStatus, isoformat, utcnow
-from oneoff.store import Dispatch, Store
+from oneoff.store import Dispatch, Finish, Store
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class WorkerPool:
         self._finished: list[tuple[_Finished, asyncio.Future[None]]] = []
         self._writing = False
         self._writer: asyncio.Task[None] | None = None
+        self._unrecorded: set[asyncio.Task[None]] = set()
+        """Attempt tasks until their outcome is committed (what shutdown waits for)."""
 
     def capacity(self) -> int:
         return self.size - len(self._tasks)
@@ -119,6 +121,8 @@ class WorkerPool:
     def start(self, item: Dispatch) -> None:
         task = asyncio.create_task(self._execute(item), name=f"run {item.run.id}")
         self._tasks[item.run.id] = (task, item.job.uid)
+        self._unrecorded.add(task)
+        task.add_done_callback(self._unrecorded.discard)
 
     def cancel(self, run_id: str, reason: str = "cancelled") -> bool:
         """Cancel a running attempt; thread-safe. False if this pool is not running it."""
@@ -131,19 +135,19 @@ class WorkerPool:
         return True
 
     async def shutdown(self, grace: float) -> None:
-        """Let running attempts finish for up to ``grace`` seconds, then cancel the rest."""
-        tasks = [task for task, _ in self._tasks.values()]
-        if not tasks:
-            return
-        log.info("waiting up to %.0fs for %d running job(s)", grace, len(tasks),
-                 extra={"action": "shutdown"})
-        _, pending = await asyncio.wait(tasks, timeout=grace)
+        """Let running attempts finish for up to ``grace`` seconds, then cancel the rest.
+
+        Returns once every attempt, finished or cancelled, is recorded.
+        """
+        if self._tasks:
+            log.info("waiting up to %.0fs for %d running job(s)", grace, len(self._tasks),
+                     extra={"action": "shutdown"})
+            await asyncio.wait([task for task, _ in self._tasks.values()], timeout=grace)
         for run_id, (task, _) in list(self._tasks.items()):
-            if task in pending:
-                self._cancel_reasons.setdefault(run_id, "cancelled: the server shut down")
-                task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+            self._cancel_reasons.setdefault(run_id, "cancelled: the server shut down")
+            task.cancel()
+        if self._unrecorded:
+            await asyncio.wait(list(self._unrecorded))
 
     # --- one attempt ---------------------------------------------------------------
 
@@ -156,7 +160,7 @@ class WorkerPool:
         timeout = _min(spec.timeout_seconds, remaining)
         extra = {"action": "run", "job": run.name, "namespace": run.namespace,
                  "run_id": run.id, "attempt": run.attempt}
-        log.info("started", extra=extra)
+        log.debug("started", extra=extra)
         status: RunStatus
         try:
             outcome = await self._attempt(item, timeout)
@@ -183,13 +187,17 @@ class WorkerPool:
                 decision = RetryDecision(False, reason="activeDeadlineSeconds reached")
             retry_at = (isoformat(self.clock() + timedelta(seconds=decision.delay))
                         if decision.retry else None)
+            # The slot is free once the attempt is over; the write joins the next group
+            # commit while the scheduler already claims the next run.
+            self._tasks.pop(run.id, None)
+            self.on_free()
             await self._record(_Finished(item, status, outcome, retry_at))
             log.info("%s%s", status, f", retry: {decision.reason}" if decision.retry else "",
                      extra={**extra, "status": status.value, "error": outcome.error})
         finally:
-            self._tasks.pop(run.id, None)
             self._cancel_reasons.pop(run.id, None)
-            self.on_free()
+            if self._tasks.pop(run.id, None) is not None:
+                self.on_free()
 
     async def _attempt(self, item: Dispatch, limit: float | None) -> Outcome:
         run, spec = item.run, item.spec
@@ -239,14 +247,17 @@ class WorkerPool:
 
     def _write(self, batch: list[_Finished]) -> None:
         with self.store.transaction(self.clock()) as tx:
-            for done in batch:
-                outcome = done.outcome
-                tx.finish_attempt(
-                    done.item.run.id, done.item.run.attempt, done.status,
-                    exit_code=outcome.exit_code, http_status=outcome.http_status,
-                    error=outcome.error, output=outcome.output, truncated=outcome.truncated,
+            tx.finish_many([
+                Finish(
+                    run_id=done.item.run.id, namespace=done.item.run.namespace,
+                    name=done.item.run.name, attempt=done.item.run.attempt,
+                    status=done.status, exit_code=done.outcome.exit_code,
+                    http_status=done.outcome.http_status, error=done.outcome.error,
+                    output=done.outcome.output, truncated=done.outcome.truncated,
                     retry_at=done.retry_at,
                 )
+                for done in batch
+            ])
 
 
 @dataclass(frozen=True, slots=True)

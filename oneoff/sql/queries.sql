@@ -6,6 +6,11 @@ SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, 
        created_at, updated_at, status
 FROM objects WHERE uid = :uid;
 
+-- name: select_object
+SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
+       created_at, updated_at, status
+FROM objects WHERE kind = :kind AND namespace = :namespace AND name = :name;
+
 -- name: select_objects
 SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
        created_at, updated_at, status
@@ -111,15 +116,17 @@ WHERE id = :id AND status = :from_status
 RETURNING job_uid, namespace, name;
 
 -- name: due_to_missed
-UPDATE executions SET status = 'missed', finished_at = :now,
+UPDATE executions INDEXED BY executions_deadline SET status = 'missed', finished_at = :now,
     error = 'not started within startingDeadlineSeconds of its time'
 WHERE status IN ('pending', 'queued') AND deadline_at < :now
 RETURNING id, job_uid, namespace, name, status;
 
 -- name: due_to_queued
-UPDATE executions SET status = 'queued'
-WHERE status = 'pending' AND due_at <= :now
-  AND job_uid NOT IN (SELECT uid FROM objects WHERE json_extract(spec, '$.suspend') = 1)
+UPDATE executions INDEXED BY executions_waiting SET status = 'queued'
+-- the first term repeats the partial index's condition so SQLite may use the index
+WHERE status IN ('pending', 'queued') AND status = 'pending' AND due_at <= :now
+  AND NOT EXISTS (SELECT 1 FROM objects o
+                  WHERE o.uid = executions.job_uid AND json_extract(o.spec, '$.suspend') = 1)
 RETURNING id, job_uid, namespace, name, status;
 
 -- name: queued_candidates
@@ -162,7 +169,8 @@ WHERE status = 'running'
 RETURNING id, job_uid, namespace, name, attempt;
 
 -- name: next_due
-SELECT MIN(due_at) FROM executions WHERE status = 'pending';
+SELECT MIN(due_at) FROM executions INDEXED BY executions_waiting
+WHERE status IN ('pending', 'queued') AND status = 'pending';
 
 -- name: count_queued
 SELECT COUNT(*) FROM executions WHERE status = 'queued';
@@ -225,3 +233,24 @@ UPDATE counters SET value = value + 1 WHERE name = 'objects';
 
 -- name: objects_revision
 SELECT value FROM counters WHERE name = 'objects';
+
+-- name: claim_executions
+UPDATE executions
+SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, :now)
+WHERE status = 'queued' AND id IN (SELECT value FROM json_each(:ids))
+RETURNING id, job_uid, namespace, name, type, scheduled_at, attempt, generation, reason,
+          started_at;
+
+-- name: finish_execution_batched
+UPDATE executions
+SET status = :status, finished_at = CASE WHEN :final THEN :now END, due_at = :due_at,
+    deadline_at = CASE WHEN :status = 'pending' THEN '9999-12-31T00:00:00.000Z'
+                       ELSE deadline_at END,
+    exit_code = :exit_code, http_status = :http_status, error = :error, output = :output,
+    truncated = :truncated
+WHERE id = :id AND status = 'running';
+
+-- name: select_objects_by_uid
+SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
+       created_at, updated_at, status
+FROM objects WHERE uid IN (SELECT value FROM json_each(:uids));
