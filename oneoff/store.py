@@ -461,18 +461,6 @@ class Transaction:
                            {"run": run_id})
         return len(missed), len(queued)
 
-    def claim(self, run_id: str) -> Claimed | None:
-        """queued → running, attempt + 1; ``None`` if someone else got it first."""
-        row = self._store._run("claim_execution", {"id": run_id, "now": self.now}).fetchone()
-        if row is None:
-            return None
-        claimed = Claimed(*row)
-        self._store._run("insert_attempt", {"id": run_id, "attempt": claimed.attempt,
-                                            "now": self.now})
-        self.event("execution.running", ObjectKey("Job", claimed.namespace, claimed.name),
-                   run_id, {"run": run_id, "attempt": claimed.attempt})
-        return claimed
-
     def claim_many(self, run_ids: list[str]) -> list[Claimed]:
         """queued → running for many runs in one statement, in the order given."""
         if not run_ids:
@@ -515,35 +503,11 @@ class Transaction:
         db, queries = self._store._db, self._store._queries
         try:
             db.executemany(queries["finish_attempt"], attempts)
-            db.executemany(queries["finish_execution_batched"], executions)
+            db.executemany(queries["finish_execution"], executions)
             db.executemany(queries["insert_event"], events)
         except sqlite3.Error as exc:
             raise StoreError(f"state file {self._store.path}: recording runs failed: {exc}"
                              ) from exc
-
-    def finish_attempt(
-        self, run_id: str, attempt: int, status: RunStatus, *, exit_code: int | None,
-        http_status: int | None, error: str, output: str, truncated: bool,
-        retry_at: str | None = None,
-    ) -> None:
-        """Record an attempt's end; with ``retry_at`` the run goes back to pending."""
-        after = RunStatus.PENDING if retry_at else status
-        check_transition(RunStatus.RUNNING, after)
-        common = {"id": run_id, "now": self.now, "exit_code": exit_code,
-                  "http_status": http_status, "error": error}
-        self._store._run("finish_attempt", {**common, "attempt": attempt,
-                                            "status": status.value})
-        row = self._store._run("finish_execution", {
-            **common, "status": after.value, "final": after.final,
-            "due_at": retry_at or self.now, "output": output, "truncated": truncated,
-        }).fetchone()
-        if row is None:
-            return
-        event = "execution.retrying" if retry_at else f"execution.{status.value}"
-        self.event(event, ObjectKey("Job", row[1], row[2]), run_id, {
-            "run": run_id, "attempt": attempt, "status": status.value, "error": error,
-            "exitCode": exit_code, "httpStatus": http_status,
-            **({"retryAt": retry_at} if retry_at else {})})
 
     def recover_running(self) -> list[tuple[str, str, int]]:
         """Runs left running by a crash become lost; returns (id, job_uid, attempt)."""

@@ -13,7 +13,7 @@ from oneoff.manifests import Retry
 from oneoff.reconciler import DirectorySource, Reconciler
 from oneoff.records import RunStatus, Stored
 from oneoff.scheduler import Scheduler
-from oneoff.store import Dispatch, Store
+from oneoff.store import Dispatch, Finish, Store
 from oneoff.worker import decide_retry
 
 T0 = datetime(2026, 12, 24, 12, 0, tzinfo=UTC)
@@ -265,10 +265,11 @@ def test_retention_purges_what_is_past_history_limit(h: Harness) -> None:
         h.clock.advance(seconds=1)
         tick(h)
         with h.store.transaction(h.clock()) as tx:
-            for item in h.dispatched:
-                tx.finish_attempt(item.run.id, item.run.attempt, RunStatus.SUCCEEDED,
-                                  exit_code=0, http_status=None, error="", output="",
-                                  truncated=False)
+            tx.finish_many([
+                Finish(item.run.id, item.run.namespace, item.run.name, item.run.attempt,
+                       RunStatus.SUCCEEDED, 0, None, "", "", False, None)
+                for item in h.dispatched
+            ])
     finished = [r for r in h.store.executions("default", "ping") if r.finished_at]
     assert len(finished) >= 3
     h.scheduler.purge(retention_days=90)

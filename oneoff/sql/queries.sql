@@ -134,13 +134,6 @@ SELECT id, job_uid, namespace, name, priority, due_at, scheduled_at, attempt, re
 FROM executions WHERE status = 'queued'
 ORDER BY priority DESC, due_at, seq LIMIT :limit;
 
--- name: claim_execution
-UPDATE executions
-SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, :now)
-WHERE id = :id AND status = 'queued'
-RETURNING id, job_uid, namespace, name, type, scheduled_at, attempt, generation, reason,
-          started_at;
-
 -- name: insert_attempt
 INSERT INTO attempts (execution_id, attempt, started_at, status)
 VALUES (:id, :attempt, :now, 'running');
@@ -149,18 +142,6 @@ VALUES (:id, :attempt, :now, 'running');
 UPDATE attempts SET finished_at = :now, status = :status, exit_code = :exit_code,
     http_status = :http_status, error = :error
 WHERE execution_id = :id AND attempt = :attempt;
-
--- name: finish_execution
-UPDATE executions
-SET status = :status, finished_at = CASE WHEN :final THEN :now END, due_at = :due_at,
-    -- the starting deadline is about the first start; a retry is bounded by the
-    -- job's activeDeadlineSeconds instead
-    deadline_at = CASE WHEN :status = 'pending' THEN '9999-12-31T00:00:00.000Z'
-                       ELSE deadline_at END,
-    exit_code = :exit_code, http_status = :http_status, error = :error, output = :output,
-    truncated = :truncated
-WHERE id = :id AND status = 'running'
-RETURNING job_uid, namespace, name;
 
 -- name: running_to_lost
 UPDATE executions SET status = 'lost', finished_at = :now,
@@ -241,7 +222,9 @@ WHERE status = 'queued' AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id, job_uid, namespace, name, type, scheduled_at, attempt, generation, reason,
           started_at;
 
--- name: finish_execution_batched
+-- name: finish_execution
+-- the starting deadline is about the first start; a retry is bounded by the job's
+-- activeDeadlineSeconds instead
 UPDATE executions
 SET status = :status, finished_at = CASE WHEN :final THEN :now END, due_at = :due_at,
     deadline_at = CASE WHEN :status = 'pending' THEN '9999-12-31T00:00:00.000Z'
