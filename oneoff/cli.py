@@ -267,9 +267,12 @@ def get(
             for obj in store.objects(resolved, ns, name=name)
             if selector_matches(requirements, obj.labels)
         ]
+        documents = [to_document(obj) for obj in objects]
+        if resolved == "Job" and output != "table":
+            for document, obj in zip(documents, objects, strict=True):
+                document["status"].update(job_status_extra(store, obj))
     if name is not None and not objects:
         raise NotFound(f"{resolved} {ns or '*'}/{name} not found")
-    documents = [to_document(obj) for obj in objects]
     if output == "table":
         if not documents:
             where = "any namespace" if ns is None else f"namespace {ns!r}"

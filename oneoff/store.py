@@ -545,9 +545,12 @@ class Transaction:
 
 
 def job_status_extra(store: Store, job: Stored) -> dict[str, Any]:
-    """Last and next run of a job, for ``describe`` and ``get -o yaml``."""
+    """When the scheduler first saw a job, its last and next run (``describe``, ``get -o``)."""
     last, upcoming = store.job_run_summary(job.uid)
     extra: dict[str, Any] = {}
+    state = store.job_states([job.uid]).get(job.uid)
+    if state is not None:
+        extra["firstSeenAt"] = state.first_seen_at
     if last:
         run_id, status, finished = [*last.split(" "), "", ""][:3]
         extra["lastRun"] = {"id": run_id, "status": status, "finishedAt": finished}

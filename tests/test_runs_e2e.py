@@ -102,7 +102,10 @@ def test_http_now_and_shell_soon_both_run_with_logs(
     logs = server.oneoff("logs", "greet")
     assert logs.stdout == "hello from greet attempt 1\noops\n"
     described = server.oneoff("describe", "job", "hook").stdout
-    assert "succeeded" in described and "Last run:" in described
+    assert f"Last run:     {run_id} succeeded" in described
+    status = json.loads(server.oneoff("get", "job", "hook", "-o", "json").stdout)["status"]
+    assert status["lastRun"]["id"] == run_id and status["lastRun"]["status"] == "succeeded"
+    assert status["firstSeenAt"] and "nextRunAt" not in status  # a one-time job: done
 
 
 def test_failing_shell_job_is_retried_then_recorded_failed(
