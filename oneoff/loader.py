@@ -655,6 +655,18 @@ def _drop_duplicates(result: LoadResult) -> None:
     result.objects = [obj for obj in result.objects if obj.key not in duplicated]
 
 
+def chain_targets(result: LoadResult) -> set[ObjectKey]:
+    """Every Job and Chain the loaded chains name (to look up what exists elsewhere)."""
+    targets: set[ObjectKey] = set()
+    for obj in result.objects:
+        if obj.key.kind == "Chain":
+            spec = ChainSpec.model_validate(obj.spec)
+            for step in [*spec.steps, *([spec.finally_] if spec.finally_ else [])]:
+                kind, name = step.target
+                targets.add(ObjectKey(kind, obj.key.namespace, name))
+    return targets
+
+
 def check_references(result: LoadResult, elsewhere: Iterable[ObjectKey] = ()) -> None:
     """Chains must name Jobs (and Chains) that exist, without cycles; offenders are dropped.
 

@@ -33,6 +33,7 @@ from oneoff.loader import (
     DEFAULT_MAX_FILE_BYTES,
     FileCache,
     LoadResult,
+    chain_targets,
     check_references,
     load_paths,
 )
@@ -100,7 +101,7 @@ class Reconciler:
         self.resync_seconds = resync_seconds
         self.clock = clock
         self.on_applied = on_applied
-        self._stored_cache: tuple[int, list[Stored]] | None = None
+        self._owned_cache: dict[str, tuple[int, list[Stored]]] = {}
         self.synced = asyncio.Event()
         """Set once every source has been reconciled at least once."""
 
@@ -123,23 +124,30 @@ class Reconciler:
             )
             report = self._reconcile_loaded(source, result, started)
             if report.plan is not None and report.plan.has_changes:
-                self._stored()  # re-read now, after the write, not when the next edit waits
+                self._owned(source.name)  # re-read now, not when the next edit waits
             return report
 
     def _reconcile_loaded(
         self, source: DirectorySource, result: LoadResult, started: float
     ) -> Report:
-        stored = self._stored()
-        check_references(result, (obj.key for obj in stored if obj.source != source.name))
-        the_plan = self.plan(source.name, result, stored)
+        owned = self._owned(source.name)
+        mine = {obj.key for obj in owned}
+        # What this source declares or references beyond its own objects: looked up by key,
+        # so a pass costs what the source holds, not what the whole store holds.
+        wanted = {obj.key for obj in result.objects} | chain_targets(result)
+        others = self.store.by_keys(wanted - mine)
+        check_references(result, others)
+        the_plan = self.plan(source.name, result, [*owned, *others.values()])
         return self._record(source, the_plan, list(the_plan.issues), started)
 
-    def _stored(self) -> list[Stored]:
-        """Every stored object (without status), re-read only when an object changed."""
+    def _owned(self, source: str) -> list[Stored]:
+        """The source's stored objects (without status), re-read only after a change."""
         revision = self.store.objects_revision()
-        if self._stored_cache is None or self._stored_cache[0] != revision:
-            self._stored_cache = (revision, self.store.objects(with_status=False))
-        return self._stored_cache[1]
+        cached = self._owned_cache.get(source)
+        if cached is None or cached[0] != revision:
+            cached = self._owned_cache[source] = (
+                revision, self.store.objects(source=source, with_status=False))
+        return cached[1]
 
     def plan(self, source: str, result: LoadResult, stored: list[Stored]) -> Plan:
         declared = {obj.key for obj in result.objects}

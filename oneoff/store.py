@@ -178,6 +178,17 @@ class Store:
             row = self._run("select_object_by_uid", {"uid": uid}).fetchone()
         return _stored(row) if row else None
 
+    def by_keys(self, keys: Iterable[ObjectKey]) -> dict[ObjectKey, Stored]:
+        """The stored objects among ``keys`` (without status), whoever owns them."""
+        found: dict[ObjectKey, Stored] = {}
+        batch = [list(key) for key in keys]
+        for start in range(0, len(batch), 10_000):
+            params = {"keys": json.dumps(batch[start:start + 10_000])}
+            with self._lock:
+                rows = self._run("select_objects_by_key", params).fetchall()
+            found.update((obj.key, obj) for obj in (_stored(row, False) for row in rows))
+        return found
+
     def by_uids(self, uids: Iterable[str]) -> dict[str, Stored]:
         with self._lock:
             rows = self._run("select_objects_by_uid", {"uids": json.dumps(list(uids))}).fetchall()

@@ -237,3 +237,12 @@ WHERE id = :id AND status = 'running';
 SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
        created_at, updated_at, status
 FROM objects WHERE uid IN (SELECT value FROM json_each(:uids));
+
+-- name: select_objects_by_key
+-- The stored objects among the given [kind, namespace, name] keys (a JSON list).
+SELECT o.uid, o.kind, o.namespace, o.name, o.generation, o.spec, o.meta, o.spec_digest,
+       o.source, o.file, o.line, o.created_at, o.updated_at, '{}'
+FROM json_each(:keys) AS k
+JOIN objects o ON o.kind = json_extract(k.value, '$[0]')
+              AND o.namespace = json_extract(k.value, '$[1]')
+              AND o.name = json_extract(k.value, '$[2]');
