@@ -174,15 +174,24 @@ def kill_pidfile(path: Path) -> list[int]:
     return killed
 
 
-def rss_kb(pid: int) -> int | None:
-    """VmRSS of ``pid`` in kB (None if gone)."""
+def rss_kb(pid: int, field: str = "VmRSS") -> int | None:
+    """VmRSS (or another /proc status field, e.g. VmHWM: peak RSS) of ``pid`` in kB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
+
+
+def cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds used so far by ``pid`` (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_rss_kb(pid: int) -> int | None:

@@ -5,25 +5,39 @@ Runs under the project's ``.venv`` (it calls ``.venv/bin/oneoff``; it imports no
 
 1. write the plan's jobs as ``kind: Job`` manifests (500 documents per file) into
    ``WORKDIR/jobs.d``: ``schedule: {at: <due, ms precision, Z>}``, ``http: {url: <sink>}``;
-2. with ``--pending N`` first create the schema (``oneoff serve`` once on an empty jobs.d,
-   stopped with SIGTERM), then bulk-insert N one-time Jobs straight into the state file with
-   ``sqlite3``: N rows in ``objects`` (source ``api:bench``, as if created through the API,
-   so the directory reconcile leaves them alone), N ``pending`` rows in ``executions``
-   (due between 24 h and 25 h from now) and N ``job_state`` rows, shaped like the rows
-   ``oneoff/store.py`` writes;
-3. start ``oneoff serve --state --manifests --workers`` with ``ONEOFF_LOG_FORMAT=json``, time
+2. start ``oneoff serve --state --manifests --workers`` with ``ONEOFF_LOG_FORMAT=json``, time
    the ``"action": "ready"`` line (from spawn, and the server's own "ready in N ms");
-4. with ``--kill-after S``: S seconds after ready, SIGKILL the server, start it again;
-5. wait at the sink for every job; read the RSS of the server (``--idle S``: after S idle
-   seconds instead); with ``--verify`` wait until every run is ``succeeded`` in the state
-   file (read-only) and report the latest ``finished_at``; SIGTERM the server.
+3. with ``--kill-after S``: S seconds after ready, SIGKILL the server, start it again;
+4. wait at the sink for every job; read the RSS of the server (``--idle S``: after S idle
+   seconds instead) and its CPU seconds; with ``--verify`` wait until every run is final
+   in the state file (read-only) and report the statuses and the latest ``finished_at``;
+   SIGTERM the server. ``--profile``: py-spy (``--nonblocking``) from ready to the end.
+
+``--pending N`` (the 1 M workload) instead:
+
+1. start ``oneoff serve`` once on an empty jobs.d to create the schema, SIGTERM it;
+2. bulk-insert N one-time Jobs straight into the state file with ``sqlite3`` (50,000 rows
+   a transaction): N rows in ``objects`` (source ``api:bench``, as if created through the
+   API, so the directory reconcile leaves them alone; spec ``{"http": {"url": ...},
+   "schedule": {"at": <due>}}``, generation 1), N ``pending`` rows in ``executions``
+   (reason ``schedule``, due between 24 h and 25 h from now, deadline one hour later,
+   priority 5), N ``job_state`` rows (``generation`` 1 where the schema has that column:
+   the scheduler had synced them), and bump ``counters.objects`` if that table exists;
+3. probe: start the server on the empty jobs.d, time it to ready, read RSS, stop it;
+4. batch **a**: write the plan's jobs (ids ``a<n>``) due ``--start-lead`` after the spawn
+   (default twice the probe's time to ready + 20 s), start the server, wait for them at
+   the sink (py-spy records the server meanwhile: ``profile-a.txt``);
+5. batch **b**: write the plan's jobs again (ids ``b<n>``) into jobs.d while it runs, due
+   ``--add-lead`` seconds later; wait for them (``profile-b.txt``); RSS and peak RSS.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
+import signal
 import sqlite3
 import subprocess
 import time
@@ -34,6 +48,7 @@ from typing import Any
 
 from common import (
     HERE,
+    cpu_s,
     driver_args,
     due_times,
     emit,
@@ -56,17 +71,21 @@ def iso(epoch: float) -> str:
     return stamp.replace("+00:00", "Z")
 
 
-def write_manifests(jobs_dir: Path, plan: dict[str, Any]) -> int:
+def write_manifests(
+    jobs_dir: Path, plan: dict[str, Any], jobs: list[tuple[str, float]] | None = None,
+    stem: str = "jobs",
+) -> int:
+    """``jobs`` (default: the plan's) as Job manifests, DOCS_PER_FILE per file."""
     jobs_dir.mkdir(parents=True, exist_ok=True)
     docs = [
         "apiVersion: oneoff.dev/v1\nkind: Job\n"
         f"metadata: {{name: job-{job}}}\n"
         f"spec:\n  schedule: {{at: '{iso(due)}'}}\n"
         f"  http: {{url: '{hit_url(plan['sink'], plan['tag'], job, due)}'}}\n"
-        for job, due in due_times(plan)
+        for job, due in (due_times(plan) if jobs is None else jobs)
     ]
     for start in range(0, len(docs), DOCS_PER_FILE):
-        (jobs_dir / f"jobs-{start // DOCS_PER_FILE:05d}.yaml").write_text(
+        (jobs_dir / f"{stem}-{start // DOCS_PER_FILE:05d}.yaml").write_text(
             "---\n".join(docs[start:start + DOCS_PER_FILE]))
     return len(docs)
 
@@ -78,23 +97,20 @@ def is_reconciled(line: str) -> bool:
 PY_SPY = (ROOT / "bench" / ".venv-peers" / "bin" / "py-spy", ROOT / ".venv" / "bin" / "py-spy")
 
 
-def start_profiler(
-    server: Server, seconds: float, workdir: Path
-) -> subprocess.Popen[bytes] | None:
-    """py-spy record (raw collapsed stacks) of the server for ``seconds``, if py-spy exists."""
+def start_profiler(server: Server, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy record (raw collapsed stacks, 100 Hz, --nonblocking: the server is never
+    paused) of the server until :func:`finish_profiler`; None without py-spy."""
     exe = next((str(p) for p in PY_SPY if p.exists()), None)
     if exe is None or server.proc is None:
         return None
-    return spawn([exe, "record", "-p", str(server.proc.pid), "-d", str(int(seconds)),
-                  "-r", "100", "--nonblocking", "-f", "raw", "-o", str(workdir / "profile.txt")],
-                 workdir / "py-spy.log", workdir)
+    return spawn([exe, "record", "-p", str(server.proc.pid), "-r", "100", "--nonblocking",
+                  "-f", "raw", "-o", str(out)], out.with_suffix(".log"), server.workdir)
 
 
-def finish_profiler(profiler: subprocess.Popen[bytes], workdir: Path) -> str | None:
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        profiler.wait(120)
-    stop(profiler, grace=5)
-    out = workdir / "profile.txt"
+def finish_profiler(profiler: subprocess.Popen[bytes] | None, out: Path) -> str | None:
+    if profiler is None:
+        return None
+    stop(profiler, grace=60, sig=signal.SIGINT)  # py-spy writes its output on SIGINT
     return str(out) if out.exists() else None
 
 
@@ -151,6 +167,10 @@ def prepopulate(state: Path, count: int) -> dict[str, Any]:
     db = sqlite3.connect(state, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=OFF")
+    synced_generation = any(row[1] == "generation"
+                            for row in db.execute("PRAGMA table_info(job_state)"))
+    has_counters = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'counters'").fetchone()
     batch = 50_000
     for first in range(0, count, batch):
         objects, runs, states = [], [], []
@@ -177,12 +197,20 @@ def prepopulate(state: Path, count: int) -> dict[str, Any]:
             "INSERT INTO executions (id, job_uid, namespace, name, type, scheduled_at, due_at, "
             "deadline_at, priority, status, reason, generation, created_at) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", runs)
-        db.executemany("INSERT INTO job_state (job_uid, first_seen_at) VALUES (?, ?)", states)
+        if synced_generation:  # the scheduler already synced them (schema 0004 and later)
+            db.executemany("INSERT INTO job_state (job_uid, first_seen_at, generation) "
+                           "VALUES (?, ?, 1)", states)
+        else:
+            db.executemany("INSERT INTO job_state (job_uid, first_seen_at) VALUES (?, ?)",
+                           states)
+        if has_counters:  # tell a cached reader that objects changed
+            db.execute("UPDATE counters SET value = value + 1 WHERE name = 'objects'")
         db.execute("COMMIT")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
     return {"pending_inserted": count, "prepopulate_s": time.perf_counter() - started,
-            "state_mb": state.stat().st_size / 2**20}
+            "state_mb": state.stat().st_size / 2**20,
+            "job_state_generation": bool(synced_generation)}
 
 
 def recorded(state: Path, expected: int, timeout: float) -> dict[str, Any]:
@@ -210,20 +238,68 @@ def recorded(state: Path, expected: int, timeout: float) -> dict[str, Any]:
     return {"statuses": statuses, "last_finished_at": last_epoch}
 
 
+def pending_main(args: argparse.Namespace, plan: dict[str, Any], server: Server,
+                 result: dict[str, Any]) -> None:
+    """1 M pending: near-due jobs present at start (batch a), then added live (batch b)."""
+    jobs_dir, state, workdir = server.jobs_dir, server.state, server.workdir
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    server.start(args.ready_timeout)  # creates the schema
+    server.stop()
+    result.update(prepopulate(state, args.pending))
+    probe = server.start(args.ready_timeout)  # how long a start takes with them (no jobs.d)
+    result.update(probe_ready_s=probe["ready_s"], probe_ready_message=probe["ready_message"],
+                  probe_rss_kb=rss_kb(probe["pid"]), probe_hwm_kb=rss_kb(probe["pid"], "VmHWM"))
+    server.stop()
+    start_lead = args.start_lead or 2 * probe["ready_s"] + 20
+    result["start_lead_s"] = start_lead
+    offsets = [(str(job), float(offset)) for job, offset in plan["jobs"]]
+    spread = max(offset for _, offset in offsets)
+
+    t0_a = round(time.time() + start_lead, 3)
+    batch_a = [(f"a{job}", round(t0_a + offset, 3)) for job, offset in offsets]
+    write_manifests(jobs_dir, plan, batch_a, stem="start")
+    first = server.start(args.ready_timeout)
+    result.update(first)
+    result.update(scheduled_at=first["ready_at"], t0_a=t0_a,
+                  rss_ready_kb=rss_kb(first["pid"]), hwm_ready_kb=rss_kb(first["pid"], "VmHWM"),
+                  ready_before_due_a_s=t0_a - first["ready_at"])
+    profiler = start_profiler(server, workdir / "profile-a.txt")
+    hits = wait_for_hits(plan["sink"], plan["tag"], len(batch_a), t0_a + spread + 60)
+    result["profile_a"] = finish_profiler(profiler, workdir / "profile-a.txt")
+    result.update(hits_a=hits, rss_after_a_kb=rss_kb(first["pid"]))
+
+    t0_b = round(time.time() + args.add_lead, 3)
+    batch_b = [(f"b{job}", round(t0_b + offset, 3)) for job, offset in offsets]
+    profiler = start_profiler(server, workdir / "profile-b.txt")
+    offset = server.log.stat().st_size
+    write_manifests(jobs_dir, plan, batch_b, stem="added")
+    line, seen = wait_for_line(server.log, is_reconciled, args.add_lead, server.proc,
+                               start=offset)
+    result.update(t0_b=t0_b, reconcile_b_seen_s=(seen - (t0_b - args.add_lead)) if line
+                  else None)
+    hits = wait_for_hits(plan["sink"], plan["tag"], len(batch_a) + len(batch_b),
+                         t0_b + spread + 60)
+    result["profile_b"] = finish_profiler(profiler, workdir / "profile-b.txt")
+    result.update(hits=hits[0], unique=hits[1], rss_end_kb=rss_kb(first["pid"]),
+                  hwm_end_kb=rss_kb(first["pid"], "VmHWM"))
+
+
 def main() -> None:
     parser = driver_args(__doc__.splitlines()[0])
     parser.add_argument("--pending", type=int, default=0,
                         help="bulk-insert this many far-future pending runs first")
+    parser.add_argument("--start-lead", type=float, default=0.0,
+                        help="--pending: batch a is due this long after the server starts "
+                        "(default: twice the probe start's time to ready + 20 s)")
+    parser.add_argument("--add-lead", type=float, default=15.0,
+                        help="--pending: batch b is written this long before it is due")
     parser.add_argument("--idle", type=float, default=0.0,
                         help="read RSS after this many idle seconds past ready")
     parser.add_argument("--verify", action="store_true",
                         help="check every run is recorded succeeded in the state file")
     parser.add_argument("--ready-timeout", type=float, default=120.0)
-    parser.add_argument("--write-after-ready", type=float, default=0.0, metavar="LEAD",
-                        help="start on an empty jobs.d; once ready, write the manifests with "
-                        "t0 = now + LEAD (the watcher picks them up)")
-    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
-                        help="py-spy record the server this long once scheduled")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy record the server from ready until every job landed")
     args = parser.parse_args()
     plan = load_plan(args.plan)
     workdir: Path = args.workdir
@@ -233,49 +309,34 @@ def main() -> None:
     server = Server(workdir, jobs_dir, state, args.workers)
     try:
         if args.pending:
-            jobs_dir.mkdir(parents=True, exist_ok=True)
-            server.start(args.ready_timeout)
-            server.stop()
-            result.update(prepopulate(state, args.pending))
-        if args.write_after_ready:
-            jobs_dir.mkdir(parents=True, exist_ok=True)
-            first = server.start(args.ready_timeout)
-            result["rss_ready_kb"] = rss_kb(first["pid"])
-            plan["t0"] = round(time.time() + args.write_after_ready, 3)
-            result["t0"] = plan["t0"]
-            result["manifests"] = write_manifests(jobs_dir, plan)
-            offset = server.log.stat().st_size
-            line, seen = wait_for_line(server.log, is_reconciled, args.write_after_ready,
-                                       server.proc, start=offset)
-            result["reconcile_seen_s"] = (seen - (plan["t0"] - args.write_after_ready)
-                                          if line else None)
-            args.deadline += plan["t0"] - float(load_plan(args.plan)["t0"])
-        else:
-            t = time.perf_counter()
-            result["manifests"] = write_manifests(jobs_dir, plan)
-            result["write_manifests_s"] = time.perf_counter() - t
-            first = server.start(args.ready_timeout)
-            result["rss_ready_kb"] = rss_kb(first["pid"])
+            pending_main(args, plan, server, result)
+            return
+        t = time.perf_counter()
+        result["manifests"] = write_manifests(jobs_dir, plan)
+        result["write_manifests_s"] = time.perf_counter() - t
+        first = server.start(args.ready_timeout)
+        result["rss_ready_kb"] = rss_kb(first["pid"])
         result.update(first)
         result["scheduled_at"] = first["ready_at"]
-        profiler = start_profiler(server, args.profile, workdir) if args.profile else None
+        result["cpu_scheduled_s"] = cpu_s(first["pid"])
+        profile = workdir / "profile.txt"
+        profiler = start_profiler(server, profile) if args.profile else None
         if args.kill_after:
             time.sleep(args.kill_after)
             result["killed_at"] = server.kill9()
-            again = server.start(args.ready_timeout)
-            result["restart"] = again
+            result["restart"] = server.start(args.ready_timeout)
         if args.idle:
             time.sleep(args.idle)
             assert server.proc is not None
             result["rss_idle_kb"] = rss_kb(server.proc.pid)
-        if profiler is not None:
-            result["profile"] = finish_profiler(profiler, workdir)
         expected = len(plan["jobs"])
         hits, unique = wait_for_hits(plan["sink"], plan["tag"], expected, args.deadline,
                                      args.settle)
         result.update(hits=hits, unique=unique)
+        result["profile"] = finish_profiler(profiler, profile)
         assert server.proc is not None
         result["rss_end_kb"] = rss_kb(server.proc.pid)
+        result["cpu_end_s"] = cpu_s(server.proc.pid)
         if args.verify:
             result.update(recorded(state, expected, timeout=30))
     except Exception as exc:
@@ -283,7 +344,7 @@ def main() -> None:
     finally:
         with contextlib.suppress(Exception):
             server.stop()
-    emit(result)
+        emit(result)
 
 
 if __name__ == "__main__":

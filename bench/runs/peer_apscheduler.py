@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import pickle
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ from typing import Any
 from common import (
     HERE,
     Hitter,
+    cpu_s,
     driver_args,
     due_times,
     emit,
@@ -57,6 +60,8 @@ def scheduler_main(argv: list[str]) -> None:
     parser.add_argument("--db", required=True)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--pending", type=int, default=0)
+    parser.add_argument("--add-lead", type=float, default=15.0)
     args = parser.parse_args(argv)
     scheduler = BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{args.db}")},
@@ -66,17 +71,59 @@ def scheduler_main(argv: list[str]) -> None:
     )
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    scheduler.start()
-    print("STARTED", time.time(), flush=True)
-    if not args.resume:
-        plan = load_plan(args.plan)
-        for job, due in due_times(plan):
+    plan = load_plan(args.plan)
+    if args.pending:
+        scheduler.start(paused=True)  # creates the jobs table
+        started = time.perf_counter()
+        prepopulate(scheduler, args.db, args.pending)
+        print("PREPOPULATED", time.perf_counter() - started, flush=True)
+        scheduler.resume()
+        print("READY", time.time(), flush=True)
+        t0 = round(time.time() + args.add_lead, 3)
+        for job, offset in plan["jobs"]:
+            due = round(t0 + float(offset), 3)
             scheduler.add_job(hit, "date", run_date=datetime.fromtimestamp(due, UTC),
-                              args=[hit_url(plan["sink"], plan["tag"], job, due)],
-                              id=f"job-{job}")
-    print("SCHEDULED", time.time(), flush=True)
+                              args=[hit_url(plan["sink"], plan["tag"], f"b{job}", due)],
+                              id=f"job-b{job}")
+        print("SCHEDULED", time.time(), "T0", t0, flush=True)
+    else:
+        scheduler.start()
+        print("STARTED", time.time(), flush=True)
+        if not args.resume:
+            for job, due in due_times(plan):
+                scheduler.add_job(hit, "date", run_date=datetime.fromtimestamp(due, UTC),
+                                  args=[hit_url(plan["sink"], plan["tag"], job, due)],
+                                  id=f"job-{job}")
+        print("SCHEDULED", time.time(), flush=True)
     stopping.wait()
     scheduler.shutdown(wait=False)
+
+
+def prepopulate(scheduler: Any, db: str, count: int) -> None:
+    """``count`` date-trigger jobs due 24-25 h ahead, inserted as the job store's own rows
+    (id, next_run_time, pickled job state) straight into its SQLite table."""
+    from apscheduler.job import Job
+    from apscheduler.triggers.date import DateTrigger
+
+    base = time.time() + 86400
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")
+    batch = 50_000
+    for first in range(0, count, batch):
+        rows = []
+        for i in range(first, min(count, first + batch)):
+            when = datetime.fromtimestamp(base + i * 0.0036, UTC)
+            job = Job(scheduler, id=f"far-{i}", func=hit, trigger=DateTrigger(when),
+                      executor="default", args=[f"http://127.0.0.1:9/far?job={i}"],
+                      kwargs={}, name="hit", misfire_grace_time=3600, coalesce=False,
+                      max_instances=1, next_run_time=when)
+            rows.append((job.id, when.timestamp(),
+                         pickle.dumps(job.__getstate__(), pickle.HIGHEST_PROTOCOL)))
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO apscheduler_jobs (id, next_run_time, job_state) "
+                         "VALUES (?, ?, ?)", rows)
+        conn.execute("COMMIT")
+    conn.close()
 
 
 class System:
@@ -91,14 +138,24 @@ class System:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "scheduler",
                "--plan", self.args.plan, "--db", str(self.args.workdir / "aps.db"),
                "--workers", str(self.args.workers)] + (["--resume"] if resume else [])
+        if self.args.pending:
+            cmd += ["--pending", str(self.args.pending), "--add-lead", str(self.args.add_lead)]
         self.proc = spawn(cmd, self.log, self.args.workdir, cwd=HERE)
         line, seen = wait_for_line(self.log, lambda s: s.startswith("SCHEDULED"), timeout,
                                    self.proc, start=offset)
         if line is None:
             raise RuntimeError(f"scheduler not scheduled after {seen - spawned:.1f}s; "
                                f"see {self.log}")
-        return {"pid": self.proc.pid, "spawned_at": spawned, "ready_at": seen,
-                "ready_s": seen - spawned}
+        found: dict[str, Any] = {"pid": self.proc.pid, "spawned_at": spawned,
+                                 "ready_at": seen, "ready_s": seen - spawned}
+        if self.args.pending:
+            words = line.split()
+            found["t0"] = float(words[words.index("T0") + 1])
+            text = self.log.read_text()
+            found["prepopulate_s"] = float(text.split("PREPOPULATED")[1].split()[0])
+            found["ready_at"] = float(text.split("READY")[1].split()[0])
+            found["ready_s"] = found["ready_at"] - spawned - found["prepopulate_s"]
+        return found
 
 
 def main() -> None:
@@ -107,6 +164,10 @@ def main() -> None:
         return
     parser = driver_args(__doc__.splitlines()[0])
     parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--pending", type=int, default=0,
+                        help="first insert this many jobs due a day ahead into the job store; "
+                        "then add the plan's jobs live, due --add-lead seconds later")
+    parser.add_argument("--add-lead", type=float, default=15.0)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     plan = load_plan(args.plan)
@@ -116,6 +177,10 @@ def main() -> None:
         first = system.start(resume=False, timeout=args.ready_timeout)
         result.update(first)
         result["scheduled_at"] = first["ready_at"]
+        result["rss_ready_kb"] = rss_kb(first["pid"])
+        if args.pending:
+            spread = max(float(offset) for _, offset in plan["jobs"])
+            args.deadline = first["t0"] + spread + 60
         if args.kill_after:
             time.sleep(args.kill_after)
             assert system.proc is not None
@@ -123,11 +188,15 @@ def main() -> None:
             system.proc.wait(10)
             result["killed_at"] = time.time()
             result["restart"] = system.start(resume=True, timeout=args.ready_timeout)
+        assert system.proc is not None
+        result["cpu_scheduled_s"] = cpu_s(system.proc.pid)
         hits, unique = wait_for_hits(plan["sink"], plan["tag"], len(plan["jobs"]),
                                      args.deadline, args.settle)
         result.update(hits=hits, unique=unique)
         assert system.proc is not None
         result["rss_end_kb"] = rss_kb(system.proc.pid)
+        result["cpu_end_s"] = cpu_s(system.proc.pid)
+        result["hwm_end_kb"] = rss_kb(system.proc.pid, "VmHWM")
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:

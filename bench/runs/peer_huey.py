@@ -26,6 +26,7 @@ from typing import Any
 from common import (
     HERE,
     Hitter,
+    cpu_s,
     driver_args,
     due_times,
     emit,
@@ -118,11 +119,14 @@ def main() -> None:
             system.proc.wait(10)
             result["killed_at"] = time.time()
             result["restart"] = system.start()
+        assert system.proc is not None
+        result["cpu_scheduled_s"] = cpu_s(system.proc.pid)
         hits, unique = wait_for_hits(plan["sink"], plan["tag"], len(plan["jobs"]),
                                      args.deadline, args.settle)
         result.update(hits=hits, unique=unique)
         assert system.proc is not None
         result["rss_end_kb"] = rss_kb(system.proc.pid)
+        result["cpu_end_s"] = cpu_s(system.proc.pid)
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:

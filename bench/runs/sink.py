@@ -57,7 +57,7 @@ class Sink:
         if parts.path == "/_forget":
             self.records.pop(tag, None)
             self.unique.pop(tag, None)
-            return 200, b"ok"
+            return 200, b'{"ok": true}'
         return 404, b"not found"
 
 
