@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 FAR_FUTURE = "9999-12-31T00:00:00.000Z"
 
+CLAIM_AHEAD = timedelta(milliseconds=5)
+"""Runs are claimed this much before their time and their worker waits for it: the
+claim's write is done when the moment comes, so the start is on time."""
+
 
 class Scheduler:
     """Creates run slots from job schedules and dispatches due runs by priority."""
@@ -245,7 +249,8 @@ class Scheduler:
         due = self.store.next_due()
         if due is None:
             return None
-        return max(0.0, (datetime.fromisoformat(due) - self.clock()).total_seconds())
+        wait = datetime.fromisoformat(due) - self.clock() - CLAIM_AHEAD
+        return max(0.0, wait.total_seconds())
 
     def tick(self) -> list[Dispatch]:
         """One pass: due runs → queued (or missed), then claim as many as workers are free.
@@ -256,7 +261,7 @@ class Scheduler:
         free = self.capacity()
         dispatched: list[Dispatch] = []
         with self.store.transaction(now) as tx:
-            missed, queued = tx.promote_due(tx.now)
+            missed, queued = tx.promote_due(tx.now, isoformat(now + CLAIM_AHEAD))
             if missed:
                 log.warning("%d run(s) missed their starting deadline", missed,
                             extra={"action": "schedule"})

@@ -462,10 +462,11 @@ class Transaction:
             "run": run_id, "from": before.value, "error": error or ""})
         return True
 
-    def promote_due(self, now: str) -> tuple[int, int]:
-        """Pending runs past their deadline → missed; due ones → queued. Returns counts."""
+    def promote_due(self, now: str, soon: str | None = None) -> tuple[int, int]:
+        """Pending runs past their deadline → missed; those due by ``soon`` (default
+        ``now``) → queued. Returns the counts."""
         missed = self._store._run("due_to_missed", {"now": now}).fetchall()
-        queued = self._store._run("due_to_queued", {"now": now}).fetchall()
+        queued = self._store._run("due_to_queued", {"now": soon or now}).fetchall()
         for rows in (missed, queued):
             for run_id, _, namespace, name, status in rows:
                 self.event(f"execution.{status}", ObjectKey("Job", namespace, name), run_id,
@@ -632,6 +633,8 @@ class Claimed:
     generation: int
     reason: str
     started_at: str
+    due_at: str
+    """When it may start; a run is claimed up to a few ms before, and waits for it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,6 +153,9 @@ class WorkerPool:
 
     async def _execute(self, item: Dispatch) -> None:
         run, spec = item.run, item.spec
+        early = (datetime.fromisoformat(run.due_at) - self.clock()).total_seconds()
+        if early > 0:
+            await asyncio.sleep(early)  # claimed a moment ahead (scheduler.CLAIM_AHEAD)
         started = datetime.fromisoformat(run.started_at)
         elapsed = (self.clock() - started).total_seconds()
         remaining = (spec.active_deadline_seconds - elapsed

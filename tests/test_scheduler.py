@@ -12,7 +12,7 @@ import pytest
 from oneoff.manifests import Retry
 from oneoff.reconciler import DirectorySource, Reconciler
 from oneoff.records import RunStatus, Stored
-from oneoff.scheduler import Scheduler
+from oneoff.scheduler import CLAIM_AHEAD, Scheduler
 from oneoff.store import Dispatch, Finish, Store
 from oneoff.worker import decide_retry
 
@@ -115,7 +115,7 @@ def test_a_due_run_is_dispatched_and_a_future_one_is_not(h: Harness) -> None:
     assert tick(h) == ["now"]
     assert h.dispatched[0].run.attempt == 1
     assert h.runs("now")[0][0] is RunStatus.RUNNING
-    assert h.scheduler._seconds_to_next_due() == 3600
+    assert h.scheduler._seconds_to_next_due() == 3600 - CLAIM_AHEAD.total_seconds()
 
 
 def test_after_counts_from_first_seen_and_does_not_move(h: Harness) -> None:

@@ -217,10 +217,12 @@ SELECT value FROM counters WHERE name = 'objects';
 
 -- name: claim_executions
 UPDATE executions
-SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, :now)
+SET status = 'running', attempt = attempt + 1,
+    -- a run claimed a few ms ahead of its time starts at its time
+    started_at = COALESCE(started_at, MAX(:now, due_at))
 WHERE status = 'queued' AND id IN (SELECT value FROM json_each(:ids))
 RETURNING id, job_uid, namespace, name, type, scheduled_at, attempt, generation, reason,
-          started_at;
+          started_at, due_at;
 
 -- name: finish_execution
 -- the starting deadline is about the first start; a retry is bounded by the job's
