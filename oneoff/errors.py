@@ -1,12 +1,16 @@
 """The one exception tree of OneOff, and the located problem a manifest can have.
 
 Every error a user can see is raised as one of these; the CLI maps them to an exit code
-in one place (``cli.main``) and the API (later) maps them to problem+json in one handler.
+in one place (``cli.main``) and the API maps them to problem+json in one handler
+(``api._problem``).
 
     OneOffError                  anything OneOff reports on purpose
     ├── ManifestError            manifests that cannot be read or validated (carries Issues)
     ├── PlanRefused              a plan that breaks a safety rule (mass prune, conflicts)
-    ├── NotFound                 a named object or run does not exist
+    ├── NotFound                 a named object or run does not exist        (HTTP 404)
+    ├── Conflict                 the request fights the current state        (HTTP 409)
+    ├── Unauthorized             no API key, or an unknown/expired/revoked one (HTTP 401)
+    ├── Forbidden                the key lacks the scope or namespace         (HTTP 403)
     ├── StoreError               the state file cannot be opened, migrated or written
     └── UsageError               a command line or setting that makes no sense
 
@@ -75,3 +79,16 @@ class StoreError(OneOffError):
 
 class UsageError(OneOffError):
     """The command line or a setting asks for something that cannot be done."""
+
+
+class Conflict(OneOffError):
+    """The request is valid but the current state refuses it: the object exists, another
+    source owns it, or the run has already finished."""
+
+
+class Unauthorized(OneOffError):
+    """No API key was given, or it is unknown, expired or revoked."""
+
+
+class Forbidden(OneOffError):
+    """The API key is valid but lacks the scope or namespace the request needs."""

@@ -218,3 +218,32 @@ def _diff(before: Any, after: Any, path: str) -> Iterator[FieldDiff]:
         yield FieldDiff(path, before, None, removed=True)
     elif json.dumps(before, sort_keys=True) != json.dumps(after, sort_keys=True):
         yield FieldDiff(path, before, after)
+
+
+def plan_document(the_plan: Plan) -> dict[str, Any]:
+    """The JSON view of a plan: what ``POST /api/v1/apply`` returns and ``diff`` renders."""
+    changes = []
+    for change in the_plan.changes:
+        where = change.desired or change.stored
+        changes.append({
+            "action": change.action.value,
+            "kind": change.key.kind,
+            "namespace": change.key.namespace,
+            "name": change.key.name,
+            "location": where.location if where is not None else "",
+            "specChanged": change.spec_changed,
+            "note": change.note,
+            "diffs": [
+                {"path": d.path, "op": "add" if d.added else "remove" if d.removed else "change",
+                 "before": d.before, "after": d.after}
+                for d in change.diffs
+            ],
+        })
+    return {
+        "source": the_plan.source,
+        "summary": the_plan.summary(),
+        "counts": {action.value: the_plan.counts.get(action, 0) for action in Action},
+        "refused": the_plan.refused,
+        "changes": changes,
+        "issues": [issue.to_dict() for issue in the_plan.issues],
+    }
