@@ -11,16 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from oneoff.errors import StoreError
+import uvicorn
+
+from oneoff.api import create_app
+from oneoff.auth import KeyRing
+from oneoff.errors import OneOffError, StoreError, UsageError
+from oneoff.executors.docker import DockerRunner
 from oneoff.executors.http import HttpRunner
 from oneoff.executors.processes import kill_processes_of_runs
 from oneoff.executors.shell import ShellRunner
@@ -55,10 +62,11 @@ class Daemon:
             if settings.manifests == DEFAULT_MANIFESTS:
                 os.makedirs(settings.manifests[0], exist_ok=True)  # the new user's first step
             http = HttpRunner()
+            docker = DockerRunner(host=settings.docker_host)  # connects on its first run
             self.pool = pool = WorkerPool(
                 store,
                 settings.workers,
-                {"http": http, "shell": ShellRunner()},
+                {"http": http, "shell": ShellRunner(), "docker": docker},
                 kill_grace=settings.kill_grace_seconds,
             )
             self.scheduler = scheduler = Scheduler(
@@ -82,6 +90,9 @@ class Daemon:
             for pid, run_id in (await asyncio.to_thread(kill_processes_of_runs, lost)).items():
                 log.warning("killed process %d left over from lost run %s", pid, run_id,
                             extra={"action": "recover", "run_id": run_id})
+            for name, run_id in (await docker.remove_containers_of_runs(lost)).items():
+                log.warning("removed container %s left over from lost run %s", name, run_id,
+                            extra={"action": "recover", "run_id": run_id})
             await asyncio.to_thread(scheduler.purge, settings.retention_days)
             try:
                 async with asyncio.TaskGroup() as group:
@@ -90,18 +101,65 @@ class Daemon:
                     await asyncio.to_thread(scheduler.sync)  # also jobs unchanged since last run
                     group.create_task(scheduler.run(self.stop))
                     group.create_task(self._purge_daily(scheduler))
+                    address = await self._start_api(group, store, scheduler, pool)
                     log.info(
-                        "ready in %.0f ms: state %s, watching %s, %d workers",
+                        "ready in %.0f ms: state %s, watching %s, %d workers, API on %s",
                         (time.perf_counter() - started) * 1000,
                         settings.state,
                         ", ".join(settings.manifests),
                         settings.workers,
-                        extra={"action": "ready", "state": settings.state},
+                        address,
+                        extra={"action": "ready", "state": settings.state, "api": address},
                     )
             finally:
                 await pool.shutdown(settings.shutdown_grace_seconds)
                 await http.aclose()
+                docker.close()
         log.info("stopped", extra={"action": "stop"})
+
+    async def _start_api(
+        self, group: asyncio.TaskGroup, store: Store, scheduler: Scheduler, pool: WorkerPool
+    ) -> str:
+        """Bind the API address and serve the API in ``group``; returns the address.
+
+        Keys come from the manifests, so this runs after the first reconcile: with no key
+        declared, only a loopback address may be bound (unless ``--insecure``).
+        """
+        assert self.reconciler is not None
+        keys = KeyRing(store)
+        host, port = split_listen(self.settings.listen)
+        if not _is_loopback(host) and not self.settings.insecure and not await asyncio.to_thread(
+                keys.any):
+            raise UsageError(
+                f"refusing to serve the API on {self.settings.listen} without API keys: declare "
+                "an ApiKey (oneoff keys generate), listen on 127.0.0.1, or pass --insecure")
+        try:
+            sock = socket.create_server((host, port), family=_family(host), reuse_port=False)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {self.settings.listen}: {exc.strerror or exc}; "
+                             "pass --listen HOST:PORT") from None
+        app = create_app(
+            store, reconciler=self.reconciler, scheduler=scheduler, keys=keys,
+            ready=lambda: {"store": True, "reconciled": self.reconciler is not None
+                           and self.reconciler.synced.is_set(), "scheduler": True},
+            stop=self.stop,
+        )
+        server = _ApiServer(uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="off",
+            timeout_graceful_shutdown=2, server_header=False))
+        group.create_task(self._serve_api(server, sock))
+        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event for it)
+            await asyncio.sleep(0.002)
+        bound = sock.getsockname()
+        return f"http://{host if ':' not in host else f'[{host}]'}:{bound[1]}"
+
+    async def _serve_api(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        stopping = asyncio.create_task(self.stop.wait())
+        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        stopping.cancel()
+        await serving
 
     async def _purge_daily(self, scheduler: Scheduler) -> None:
         while True:
@@ -110,6 +168,36 @@ class Daemon:
                 return
             except TimeoutError:
                 await asyncio.to_thread(scheduler.purge, self.settings.retention_days)
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn, minus its own signal handling: the daemon owns SIGINT and SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) → (host, port)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {listen!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def sync_changed_jobs(store: Store, scheduler: Scheduler, report: Report) -> None:
@@ -154,7 +242,16 @@ def serve(settings: Settings) -> None:
             loop.add_signal_handler(signum, daemon.stop.set)
         await daemon.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ExceptionGroup as group:  # a task's OneOffError reaches the CLI as itself
+        errors = group.subgroup(lambda exc: isinstance(exc, OneOffError))
+        if errors is None:
+            raise
+        first = errors.exceptions[0]
+        while isinstance(first, ExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 # --- logging -------------------------------------------------------------------------
@@ -204,3 +301,4 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # our own lines say it

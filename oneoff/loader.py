@@ -727,3 +727,82 @@ def _in_cycles(edges: dict[ObjectKey, list[ObjectKey]]) -> set[ObjectKey]:
                 seen.add(node)
                 stack.extend(edges.get(node, ()))
     return cyclic
+
+
+# --- request bodies: documents that did not come from a file ---------------------------
+
+
+def load_text(origin: str, data: bytes) -> LoadResult:
+    """Multi-document YAML (or JSON) sent to the API, read like one manifest file."""
+    file_result = parse_file(origin, data)
+    result = LoadResult(
+        objects=list(file_result.objects), issues=list(file_result.issues),
+        failed_keys=set(file_result.failed_keys), files=[origin],
+    )
+    if file_result.failed:
+        result.failed_files.add(origin)
+    _drop_duplicates(result)
+    return result
+
+
+def load_documents(documents: list[Any], origin: str) -> LoadResult:
+    """Already-parsed documents (a JSON request body): validated without a YAML node tree.
+
+    This is the fast path of the API (no YAML, no positions); issues name the document by
+    its index (``origin[3]``) and the field path. Objects get no file or line: they were
+    not declared in a file.
+    """
+    result = LoadResult(files=[origin])
+    for index, document in enumerate(documents):
+        where = origin if len(documents) == 1 else f"{origin}[{index}]"
+        if not isinstance(document, dict):
+            result.issues.append(Issue(where, _NOT_A_MANIFEST))
+            continue
+        kind = document.get("kind")
+        model = KINDS.get(kind) if isinstance(kind, str) else None
+        key = _key_of(document)
+        if model is None:
+            message = (
+                "missing 'kind'" if kind is None else f"unknown kind {kind!r}"
+            ) + f"; expected one of {', '.join(KINDS)}"
+            result.issues.append(Issue(where, message, field="kind"))
+            continue
+        try:
+            obj = model.model_validate({k: v for k, v in document.items() if k != "status"})
+        except ValidationError as exc:
+            result.issues.extend(_plain_issues(where, document, model, exc.errors()))
+            if key is not None:
+                result.failed_keys.add(key)
+            continue
+        meta = obj.metadata
+        result.objects.append(Desired(
+            key=ObjectKey(obj.kind, meta.namespace, meta.name),
+            spec=obj.spec.model_dump(mode="json", exclude_unset=True, by_alias=True),
+            labels=dict(meta.labels), annotations=dict(meta.annotations), file="", line=0,
+        ))
+    _drop_duplicates(result)
+    return result
+
+
+def _plain_issues(
+    where: str, document: dict[str, Any], model: type[BaseModel], errors: list[ErrorDetails]
+) -> list[Issue]:
+    issues: list[Issue] = []
+    for error in errors:
+        field_path, current = [], document
+        for part in error["loc"]:  # skip the member names pydantic adds inside unions
+            if isinstance(current, dict) and part in current:
+                current = current[part]
+            elif isinstance(current, list) and isinstance(part, int) and part < len(current):
+                current = current[part]
+            elif error["type"] not in ("missing", "extra_forbidden") or part != error["loc"][-1]:
+                continue
+            field_path.append(part)
+        message = (
+            f"required field '{error['loc'][-1]}' is missing"
+            if error["type"] == "missing" else _message(error, model, field_path)
+        )
+        issue = Issue(where, message, field=".".join(str(p) for p in field_path))
+        if message and issue not in issues:
+            issues.append(issue)
+    return issues

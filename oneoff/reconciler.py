@@ -39,7 +39,7 @@ from oneoff.loader import (
 )
 from oneoff.plan import Action, Change, Plan, plan
 from oneoff.records import Stored, condition, utcnow
-from oneoff.store import Store
+from oneoff.store import Store, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -171,28 +171,7 @@ class Reconciler:
         previous = {status.name: status for status in self.store.sources()}.get(the_plan.source)
         with self.store.transaction(now) as tx:
             if the_plan.refused is None:
-                tx.create_many(
-                    [(change.desired, _ready(change, {}, 1, now))
-                     for change in the_plan.of(Action.CREATE) if change.desired],
-                    the_plan.source,
-                )
-                for change in the_plan.changes:
-                    if change.action is Action.CREATE:
-                        continue
-                    elif change.action is Action.UPDATE and change.desired and change.stored:
-                        generation = change.stored.generation + change.spec_changed
-                        current = self.store.by_uid(change.stored.uid)
-                        status = current.status if current else {}
-                        tx.update(
-                            change.stored.uid,
-                            change.desired,
-                            the_plan.source,
-                            _ready(change, status, generation, now),
-                        )
-                    elif change.action is Action.DELETE and change.stored:
-                        tx.delete(change.stored)
-                    elif change.moved and change.desired and change.stored:
-                        tx.relocate(change.stored.uid, change.desired.file, change.desired.line)
+                self._write_changes(tx, the_plan, now)
             ok = the_plan.refused is None and not issues
             kept = the_plan.counts.get(Action.UNCHANGED, 0)
             objects = (
@@ -219,6 +198,76 @@ class Reconciler:
                     },
                 )
         return message
+
+    def _write_changes(self, tx: Transaction, the_plan: Plan, now: datetime) -> None:
+        tx.create_many(
+            [(change.desired, _ready(change, {}, 1, now))
+             for change in the_plan.of(Action.CREATE) if change.desired],
+            the_plan.source,
+        )
+        for change in the_plan.changes:
+            if change.action is Action.CREATE:
+                continue
+            elif change.action is Action.UPDATE and change.desired and change.stored:
+                generation = change.stored.generation + change.spec_changed
+                current = self.store.by_uid(change.stored.uid)
+                status = current.status if current else {}
+                tx.update(
+                    change.stored.uid,
+                    change.desired,
+                    the_plan.source,
+                    _ready(change, status, generation, now),
+                )
+            elif change.action is Action.DELETE and change.stored:
+                tx.delete(change.stored)
+            elif change.moved and change.desired and change.stored:
+                tx.relocate(change.stored.uid, change.desired.file, change.desired.line)
+
+    # --- the API as a source ---------------------------------------------------------
+
+    def apply_request(
+        self, source: str, result: LoadResult, *, prune: bool = False, force: bool = False,
+        dry_run: bool = False,
+    ) -> Report:
+        """Plan (and unless ``dry_run``, apply) objects sent through the API as ``source``.
+
+        Unlike a directory, a request is all or nothing: with any issue (a document that
+        fails validation, an object another source owns) or a refused prune, nothing is
+        written. The API turns that into a 422 or 409. Blocking.
+        """
+        started = time.perf_counter()
+        owned = self.store.objects(source=source, with_status=False) if prune else []
+        wanted = {obj.key for obj in result.objects} | chain_targets(result)
+        others = self.store.by_keys(wanted - {obj.key for obj in owned})
+        check_references(result, others)
+        the_plan = plan(
+            source, result.objects, [*owned, *others.values()], kept_keys=result.failed_keys,
+            issues=result.issues, prune=prune, max_prune_share=self.prune_max_share,
+            force=force,
+        )
+        applied = not dry_run and not the_plan.issues and the_plan.refused is None
+        if applied and the_plan.has_changes:
+            with self.store.transaction(self.clock()) as tx:
+                self._write_changes(tx, the_plan, self.clock())
+        report = Report(source, the_plan, the_plan.issues, applied,
+                        the_plan.refused or the_plan.summary(), time.perf_counter() - started)
+        if applied:
+            _log_report(report)
+            if self.on_applied is not None:
+                self.on_applied(report)
+        return report
+
+    def delete_object(self, stored: Stored) -> Report:
+        """Delete one object (``DELETE`` in the API) as its owner would prune it."""
+        the_plan = Plan(stored.source, (Change(Action.DELETE, stored.key, stored=stored),),
+                        owned=1, counts={**dict.fromkeys(Action, 0), Action.DELETE: 1})
+        with self.store.transaction(self.clock()) as tx:
+            self._write_changes(tx, the_plan, self.clock())
+        report = Report(stored.source, the_plan, (), True, the_plan.summary(), 0.0)
+        _log_report(report)
+        if self.on_applied is not None:
+            self.on_applied(report)
+        return report
 
     def _record(
         self,
@@ -363,7 +412,8 @@ def _ready(
             "Ready",
             True,
             "Reconciled",
-            f"declared in {change.desired.location}",
+            f"declared in {change.desired.location}" if change.desired.location
+            else "applied through the API",
             generation,
             now,
             previous.get("conditions"),

@@ -70,7 +70,8 @@ class Desired:
 
     @property
     def location(self) -> str:
-        return f"{self.file}:{self.line}"
+        """``file:line``; empty for objects sent through the API as JSON (no file)."""
+        return f"{self.file}:{self.line}" if self.file else ""
 
 
 @dataclass(frozen=True, slots=True)

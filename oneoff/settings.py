@@ -50,6 +50,9 @@ class Settings(BaseModel):
     1 turns the guard off (ONEOFF_PRUNE_MAX_SHARE, --prune-max-share)."""
     max_manifest_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     """Largest manifest file read (ONEOFF_MAX_MANIFEST_BYTES)."""
+    insecure: bool = False
+    """Serve the API on a non-loopback address even though no ApiKey is declared
+    (ONEOFF_INSECURE, --insecure)."""
     recurring: bool = True
     """Run cron schedules; false keeps OneOff strictly one-time (ONEOFF_RECURRING)."""
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 30
@@ -58,6 +61,10 @@ class Settings(BaseModel):
     kill_grace_seconds: Annotated[float, Field(ge=0)] = 10
     """Between SIGTERM and SIGKILL when a shell job is cancelled or times out
     (ONEOFF_KILL_GRACE_SECONDS)."""
+    docker_host: str | None = None
+    """Docker Engine API address of docker jobs, e.g. ``unix:///run/docker.sock`` or
+    ``tcp://host:2376``; unset: ``DOCKER_HOST``, then the local default socket
+    (ONEOFF_DOCKER_HOST)."""
 
     @field_validator("manifests", mode="before")
     @classmethod

@@ -219,17 +219,72 @@ class Store:
     def events(self, after: int = 0, limit: int = 1000) -> list[Event]:
         with self._lock:
             rows = self._run("select_events", {"after": after, "limit": limit}).fetchall()
-        return [
-            Event(
-                seq=row[0],
-                at=row[1],
-                type=row[2],
-                key=ObjectKey(row[3], row[4], row[5]) if row[3] else None,
-                uid=row[6],
-                data=json.loads(row[7]),
-            )
-            for row in rows
-        ]
+        return [_event(row) for row in rows]
+
+    # --- API reads: filtered, sorted, paged --------------------------------------
+
+    def page_objects(
+        self, kind: str, *, namespace: str | None = None,
+        namespaces: Iterable[str] | None = None, selector: list[dict[str, str]] | None = None,
+        sort: str = "namespace", limit: int = 100, offset: int = 0,
+    ) -> tuple[list[Stored], int]:
+        """One page of ``kind`` and the number of all matches (``sort`` from OBJECT_ORDERS)."""
+        params = {
+            "kind": kind, "namespace": namespace,
+            "namespaces": None if namespaces is None else json.dumps(list(namespaces)),
+            "selector": None if selector is None else json.dumps(selector),
+            "limit": limit, "offset": offset,
+        }
+        rows = self._run_ordered("page_objects", OBJECT_ORDERS[sort], params)
+        total = rows[0][-1] if rows else self._count_beyond("page_objects", params, offset)
+        return [_stored(row[:-1]) for row in rows], total
+
+    def page_executions(
+        self, *, namespace: str | None = None, namespaces: Iterable[str] | None = None,
+        job: str | None = None, statuses: Iterable[str] | None = None,
+        type_: str | None = None, since: str | None = None, until: str | None = None,
+        sort: str = "-createdAt", limit: int = 100, offset: int = 0,
+    ) -> tuple[list[Execution], int]:
+        """One page of executions and the number of all matches (``sort`` from
+        EXECUTION_ORDERS)."""
+        params = {
+            "namespace": namespace,
+            "namespaces": None if namespaces is None else json.dumps(list(namespaces)),
+            "name": job, "statuses": None if statuses is None else json.dumps(list(statuses)),
+            "type": type_, "since": since, "until": until, "limit": limit, "offset": offset,
+        }
+        rows = self._run_ordered("page_executions", EXECUTION_ORDERS[sort], params)
+        total = rows[0][-1] if rows else self._count_beyond("page_executions", params, offset)
+        return [_execution(row[:-1]) for row in rows], total
+
+    def _run_ordered(self, query: str, order: str, params: Mapping[str, Any]) -> list[Any]:
+        text = self._queries[query].replace("{order}", order)
+        try:
+            with self._lock:
+                return self._db.execute(text, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state file {self.path}: {query} failed: {exc}") from exc
+
+    def _count_beyond(self, query: str, params: dict[str, Any], offset: int) -> int:
+        """The total when a page came back empty: only past the end can there be more."""
+        if offset == 0:
+            return 0
+        rows = self._run_ordered(query, "1", {**params, "limit": 1, "offset": 0})
+        return int(rows[0][-1]) if rows else 0
+
+    def events_for(self, after: int, namespaces: Iterable[str] | None = None,
+                   limit: int = 500) -> list[Event]:
+        """Events after ``seq``, limited to ``namespaces`` (events without one included)."""
+        params = {"after": after, "limit": limit,
+                  "namespaces": None if namespaces is None else json.dumps(list(namespaces))}
+        with self._lock:
+            rows = self._run("select_events_filtered", params).fetchall()
+        return [_event(row) for row in rows]
+
+    def last_event_seq(self) -> int:
+        with self._lock:
+            (seq,) = self._run("last_event_seq").fetchone()
+        return int(seq)
 
     # --- runs: reads ---------------------------------------------------------------
 
@@ -381,6 +436,11 @@ class Transaction:
         """Record a new file:line for an object whose content did not change."""
         self._objects_changed()
         self._store._run("relocate_object", {"uid": uid, "file": file, "line": line})
+
+    def set_status(self, uid: str, status: dict[str, Any]) -> None:
+        """Replace an object's status (no generation or revision change: status is the
+        server's, not the declaration)."""
+        self._store._run("update_object_status", {"uid": uid, "status": canonical_json(status)})
 
     def delete(self, stored: Stored) -> None:
         self._objects_changed()
@@ -644,6 +704,38 @@ class Dispatch:
     run: Claimed
     job: Stored
     spec: JobSpec
+
+
+OBJECT_ORDERS = {
+    "namespace": "namespace, name",
+    "name": "name, namespace",
+    "-name": "name DESC, namespace DESC",
+    "creationTimestamp": "created_at, namespace, name",
+    "-creationTimestamp": "created_at DESC, namespace, name",
+    "generation": "generation, namespace, name",
+    "-generation": "generation DESC, namespace, name",
+}
+"""The sort orders the API allows for objects (``sort=`` → ORDER BY)."""
+
+EXECUTION_ORDERS = {
+    "-createdAt": "seq DESC",
+    "createdAt": "seq",
+    "-scheduledAt": "scheduled_at DESC, seq DESC",
+    "scheduledAt": "scheduled_at, seq",
+    "-finishedAt": "finished_at DESC, seq DESC",
+    "finishedAt": "finished_at, seq",
+    "-priority": "priority DESC, seq",
+    "priority": "priority, seq",
+}
+"""The sort orders the API allows for executions."""
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    return Event(
+        seq=row[0], at=row[1], type=row[2],
+        key=ObjectKey(row[3], row[4], row[5]) if row[3] else None,
+        uid=row[6], data=json.loads(row[7]),
+    )
 
 
 def _execution(row: tuple[Any, ...], output: str | None = None) -> Execution:

@@ -103,6 +103,13 @@ class Server:
         return subprocess.run([ONEOFF, *args], cwd=self.cwd, capture_output=True, text=True,
                               timeout=60)
 
+    @property
+    def url(self) -> str:
+        """The API address the server logged when it became ready."""
+        ready = wait_until(lambda: next(
+            (line for line in list(self.lines) if line.get("action") == "ready"), None))
+        return str(ready["api"])
+
     def logged(self, predicate: Callable[[dict[str, Any]], bool]) -> bool:
         return any(predicate(line) for line in list(self.lines))
 
@@ -118,7 +125,8 @@ class Server:
 
 
 def start_server(cwd: Path, *args: str) -> Server:
-    env = {**os.environ, "ONEOFF_LOG_FORMAT": "json"}
+    # a free loopback port of its own, unless the test says otherwise
+    env = {**os.environ, "ONEOFF_LOG_FORMAT": "json", "ONEOFF_LISTEN": "127.0.0.1:0"}
     process = subprocess.Popen([ONEOFF, "serve", *args], cwd=cwd, env=env, text=True,
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     server = Server(process, cwd, [])

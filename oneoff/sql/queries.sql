@@ -248,3 +248,61 @@ FROM json_each(:keys) AS k
 JOIN objects o ON o.kind = json_extract(k.value, '$[0]')
               AND o.namespace = json_extract(k.value, '$[1]')
               AND o.name = json_extract(k.value, '$[2]');
+
+-- --- API reads: filtered, sorted, paged ---------------------------------------------
+-- {order} is replaced by one entry of an allow-list in store.py (never by request text).
+-- :namespaces and :selector are JSON (or NULL): the namespaces a key may see, and the
+-- label selector as [{"key", "op" (=, !=, exists, !exists), "value"}].
+
+-- name: page_objects
+SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
+       created_at, updated_at, status, COUNT(*) OVER () AS total
+FROM objects AS o
+WHERE kind = :kind
+  AND (:namespace IS NULL OR namespace = :namespace)
+  AND (:namespaces IS NULL OR namespace IN (SELECT value FROM json_each(:namespaces)))
+  AND (:selector IS NULL OR NOT EXISTS (
+        SELECT 1 FROM json_each(:selector) AS r
+        WHERE NOT (
+          CASE json_extract(r.value, '$.op')
+            WHEN '=' THEN coalesce((SELECT l.value FROM json_each(o.meta, '$[0]') AS l
+                                    WHERE l.key = json_extract(r.value, '$.key'))
+                                   = json_extract(r.value, '$.value'), 0)
+            WHEN '!=' THEN coalesce((SELECT l.value FROM json_each(o.meta, '$[0]') AS l
+                                     WHERE l.key = json_extract(r.value, '$.key'))
+                                    != json_extract(r.value, '$.value'), 1)
+            WHEN 'exists' THEN EXISTS (SELECT 1 FROM json_each(o.meta, '$[0]') AS l
+                                       WHERE l.key = json_extract(r.value, '$.key'))
+            ELSE NOT EXISTS (SELECT 1 FROM json_each(o.meta, '$[0]') AS l
+                             WHERE l.key = json_extract(r.value, '$.key'))
+          END)))
+ORDER BY {order}
+LIMIT :limit OFFSET :offset;
+
+-- name: page_executions
+SELECT seq, id, job_uid, namespace, name, type, scheduled_at, due_at, priority, status, reason,
+       attempt, generation, created_at, started_at, finished_at, exit_code, http_status, error,
+       truncated, COUNT(*) OVER () AS total
+FROM executions
+WHERE (:namespace IS NULL OR namespace = :namespace)
+  AND (:namespaces IS NULL OR namespace IN (SELECT value FROM json_each(:namespaces)))
+  AND (:name IS NULL OR name = :name)
+  AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
+  AND (:type IS NULL OR type = :type)
+  AND (:since IS NULL OR scheduled_at >= :since)
+  AND (:until IS NULL OR scheduled_at < :until)
+ORDER BY {order}
+LIMIT :limit OFFSET :offset;
+
+-- name: select_events_filtered
+SELECT seq, at, type, kind, namespace, name, uid, data
+FROM events
+WHERE seq > :after
+  AND (:namespaces IS NULL OR namespace IN (SELECT value FROM json_each(:namespaces)))
+ORDER BY seq LIMIT :limit;
+
+-- name: last_event_seq
+SELECT coalesce(max(seq), 0) FROM events;
+
+-- name: update_object_status
+UPDATE objects SET status = :status WHERE uid = :uid;
