@@ -230,8 +230,11 @@ def read_bytes(path: str, max_bytes: int) -> tuple[bytes | None, Issue | None]:
     return data, None
 
 
-def parse_file(path: str, data: bytes) -> FileResult:
-    """Parse and validate one file's content (cached by the caller on its hash)."""
+def parse_file(path: str, data: bytes, *, lists: bool = False) -> FileResult:
+    """Parse and validate one file's content (cached by the caller on its hash).
+
+    ``lists``: a document that is a list holds manifests (a JSON array sent to the API).
+    """
     sha = hashlib.sha256(data).hexdigest()
     if b"\0" in data:
         return FileResult(
@@ -278,6 +281,14 @@ def parse_file(path: str, data: bytes) -> FileResult:
     issues: list[Issue] = []
     failed_keys: set[ObjectKey] = set()
     failed = False
+    if lists:
+        nodes = [
+            pair
+            for node, document in nodes
+            for pair in (zip(node.value, document, strict=True)
+                         if isinstance(document, list) and isinstance(node, yaml.SequenceNode)
+                         else [(node, document)])
+        ]
     for node, document in nodes:
         if document is None:
             continue
@@ -734,7 +745,7 @@ def _in_cycles(edges: dict[ObjectKey, list[ObjectKey]]) -> set[ObjectKey]:
 
 def load_text(origin: str, data: bytes) -> LoadResult:
     """Multi-document YAML (or JSON) sent to the API, read like one manifest file."""
-    file_result = parse_file(origin, data)
+    file_result = parse_file(origin, data, lists=True)
     result = LoadResult(
         objects=list(file_result.objects), issues=list(file_result.issues),
         failed_keys=set(file_result.failed_keys), files=[origin],
