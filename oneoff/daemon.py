@@ -142,7 +142,7 @@ class Daemon:
             store, reconciler=self.reconciler, scheduler=scheduler, keys=keys,
             ready=lambda: {"store": True, "reconciled": self.reconciler is not None
                            and self.reconciler.synced.is_set(), "scheduler": True},
-            stop=self.stop,
+            live_output=pool.live_output, stop=self.stop,
         )
         server = _ApiServer(uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off",

@@ -106,6 +106,8 @@ class WorkerPool:
         self._finished: list[tuple[_Finished, asyncio.Future[None]]] = []
         self._writing = False
         self._writer: asyncio.Task[None] | None = None
+        self._live: dict[str, bytearray] = {}
+        """Output of running attempts so far, by run id (``live_output``)."""
         self._unrecorded: set[asyncio.Task[None]] = set()
         """Attempt tasks until their outcome is committed (what shutdown waits for)."""
 
@@ -117,6 +119,11 @@ class WorkerPool:
 
     def active_runs(self, job_uid: str) -> list[str]:
         return [run_id for run_id, (_, uid) in self._tasks.items() if uid == job_uid]
+
+    def live_output(self, run_id: str) -> str | None:
+        """What a running attempt has printed so far; None if it is not running here."""
+        buffer = self._live.get(run_id)
+        return None if buffer is None else buffer.decode("utf-8", errors="replace")
 
     def start(self, item: Dispatch) -> None:
         task = asyncio.create_task(self._execute(item), name=f"run {item.run.id}")
@@ -217,8 +224,12 @@ class WorkerPool:
             scheduled_at=datetime.fromisoformat(run.scheduled_at), attempt=run.attempt,
             env=env, timeout=limit, kill_grace=self.kill_grace,
             output_limit=OUTPUT_LIMITS.get(run.type, DEFAULT_OUTPUT_LIMIT),
+            on_output=self._live.setdefault(run.id, bytearray()).extend,
         )
-        return await executor.run(getattr(spec, run.type), ctx)
+        try:
+            return await executor.run(getattr(spec, run.type), ctx)
+        finally:
+            self._live.pop(run.id, None)
 
     async def _record(self, finished: _Finished) -> None:
         """Record an attempt's end; returns once it is committed.

@@ -15,7 +15,9 @@ The contract, stated once here:
   ``CancelledError`` — or raises :class:`Cancelled` (a ``CancelledError``) carrying the
   output captured so far. No process, request or container of the attempt survives it.
 - Output is captured up to ``ctx.output_limit`` bytes; beyond that it is dropped and
-  ``Outcome.truncated`` is set (the text ends with :data:`TRUNCATION_MARK`).
+  ``Outcome.truncated`` is set (the text ends with :data:`TRUNCATION_MARK`). Executors
+  that produce output over time also hand each captured piece to ``ctx.on_output`` as it
+  arrives (what ``oneoff logs -f`` shows while a run is active).
 - Problems a user can act on (connection refused, executable not found, a missing
   ``valueFrom`` source) are a ``FAILED`` outcome with a one-line ``error``; an executor
   raises only for bugs.
@@ -56,6 +58,8 @@ class RunContext:
     timeout: float | None = None
     kill_grace: float = 10.0
     output_limit: int = 1024 * 1024
+    on_output: Callable[[bytes], None] | None = None
+    """Called with each piece of output as it is captured (within ``output_limit``)."""
 
     def identity_env(self) -> dict[str, str]:
         """The run identity every shell, Docker and Kubernetes job sees."""

@@ -19,7 +19,7 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from oneoff.executors import (
     Cancelled,
@@ -46,8 +46,10 @@ class _Pipe(asyncio.SubprocessProtocol):
     full pipe: the bytes beyond ``limit + 1`` are dropped as they arrive.
     """
 
-    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop,
+                 on_output: Callable[[bytes], None] | None = None) -> None:
         self.chunks: list[bytes] = []
+        self.on_output = on_output
         self.limit = limit
         self.room = limit + 1
         self.exited: asyncio.Future[None] = loop.create_future()
@@ -58,6 +60,8 @@ class _Pipe(asyncio.SubprocessProtocol):
             piece = data[: self.room]
             self.chunks.append(piece)
             self.room -= len(piece)
+            if self.on_output is not None:
+                self.on_output(piece)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -94,7 +98,7 @@ class ShellRunner:
         loop = asyncio.get_running_loop()
         try:
             transport, pipe = await loop.subprocess_exec(
-                lambda: _Pipe(ctx.output_limit, loop),
+                lambda: _Pipe(ctx.output_limit, loop, ctx.on_output),
                 *argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
