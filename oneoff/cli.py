@@ -1,46 +1,77 @@
-"""The ``oneoff`` command: a kubectl-style CLI over the state file (and later the API).
+"""The ``oneoff`` command: a kubectl-style CLI over a OneOff server or its state file.
 
-The top of the stack: parses arguments with click, calls the layers below, renders
-documents as tables, JSON or YAML, and maps every :class:`~oneoff.errors.OneOffError` to
-one clear line and an exit code in :func:`main` (0 success, 1 ``diff`` found changes or
-a target failed, 2 usage or validation error, 3 cannot reach the server or state).
+The top of the stack: parses arguments with click, gets documents from a
+:class:`~oneoff.client.ApiClient` or a :class:`~oneoff.client.StateReader` (both answer
+in the API's JSON shapes), renders them as tables, JSON or YAML, and maps every
+:class:`~oneoff.errors.OneOffError` to one clear line and an exit code in :func:`main`.
 
-Rendering works on Kubernetes-shaped documents (``records.to_document``), the same
-shape the API will return, so offline and server modes share one code path.
+Exit codes: 0 success; 1 ``diff`` found changes, a run did not succeed, or the target
+was not found or is in a state that refuses the request (404, 409); 2 usage or
+validation error (400, 413, 422); 3 cannot reach or use the server (connection refused,
+timeout, 401, 403, 5xx) or the state file.
+
+Which one answers (read verbs ``get``, ``describe``, ``logs``, ``diff``): ``--state`` /
+``ONEOFF_STATE`` reads that state file; otherwise the server (``--server``,
+``ONEOFF_SERVER``, the client config file, the default); only when the server is the
+default one and does not answer, ``./oneoff.db`` is read instead, with a note on stderr.
+Verbs that change something (``apply``, ``run``, ``cancel``, ``delete``, ``keys
+create|revoke``) always need the server.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
 import os
+import secrets
 import sys
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 from ruamel.yaml import YAML
 
-from oneoff.errors import ManifestError, NotFound, OneOffError, PlanRefused, StoreError, UsageError
-from oneoff.loader import check_references, load_paths
-from oneoff.manifests import API_VERSION, KINDS, json_schemas
-from oneoff.plan import Action, Plan, plan
-from oneoff.reconciler import directory_source_name
-from oneoff.records import (
-    Execution,
-    ObjectKey,
-    RunStatus,
-    Stored,
-    execution_document,
-    parse_selector,
-    selector_matches,
-    to_document,
+from oneoff.client import (
+    ApiClient,
+    Bundle,
+    Reader,
+    StateReader,
+    client_config,
+    list_document,
 )
+from oneoff.errors import (
+    ApplyConflict,
+    Forbidden,
+    Issue,
+    ManifestError,
+    NotFound,
+    OneOffError,
+    PlanRefused,
+    ServerError,
+    StoreError,
+    Unauthorized,
+    Unreachable,
+    UsageError,
+)
+from oneoff.loader import DEFAULT_MAX_FILE_BYTES, check_references, load_paths
+from oneoff.manifests import API_VERSION, KINDS, json_schemas
+from oneoff.plan import plan, plan_document
+from oneoff.reconciler import directory_source_name
+from oneoff.records import RunStatus, Stored, parse_selector
 from oneoff.settings import load_settings
-from oneoff.store import Store, job_status_extra
+from oneoff.store import Store
 
 EXIT_OK, EXIT_CHANGES, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+LOCAL_STATE = "./oneoff.db"
+"""What ``oneoff serve`` writes by default, and what the CLI reads when no server runs."""
+TOKEN_PREFIX = "oo_"
+"""The prefix of generated API tokens (as the server's own), so scanners can spot them."""
 
 KIND_NAMES = {
     **{alias: kind for kind in KINDS for alias in (kind.lower(), kind.lower() + "s")},
@@ -53,13 +84,13 @@ KIND_NAMES = {
     "run": "Execution",
     "source": "Source",
 }
+FINAL = {status.value for status in RunStatus if status.final}
 
 state_option = click.option(
     "--state",
     envvar="ONEOFF_STATE",
-    default="./oneoff.db",
-    show_default=True,
-    help="The SQLite state file (read-only for this command).",
+    default=None,
+    help="Read this SQLite state file instead of asking the server [env ONEOFF_STATE].",
 )
 output_option = click.option(
     "-o",
@@ -69,6 +100,18 @@ output_option = click.option(
     show_default=True,
     help="Output format.",
 )
+
+
+def server_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--server`` and ``--api-key`` (their environment and config file are read by
+    ``client.client_config``, which needs to know where a value came from)."""
+    command = click.option(
+        "--api-key", default=None, metavar="TOKEN",
+        help="API key [env ONEOFF_API_KEY; config file apiKey].")(command)
+    return click.option(
+        "--server", default=None, metavar="URL",
+        help="OneOff server [env ONEOFF_SERVER; config file server; "
+        "default http://127.0.0.1:8080].")(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,6 +140,12 @@ def cli() -> None:
 )
 @click.option("--resync-seconds", type=float, help="Periodic full reconcile [default 60]")
 @click.option(
+    "--insecure",
+    is_flag=True,
+    default=None,
+    help="Serve the API beyond loopback although no ApiKey is declared [env ONEOFF_INSECURE]",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["auto", "json", "text"]),
     help="Log lines [env ONEOFF_LOG_FORMAT; default json off a terminal]",
@@ -111,7 +160,65 @@ def serve(config_file: str | None, **flags: Any) -> int:
     return EXIT_OK
 
 
-# --- validate / diff -----------------------------------------------------------------
+# --- where documents come from -------------------------------------------------------
+
+
+def open_reader(state: str | None, server: str | None, api_key: str | None) -> Reader:
+    """The state file when one is named, else the server; the default server's silence
+    falls back to ``./oneoff.db`` (module docstring)."""
+    if state:
+        return StateReader(state)
+    config = client_config(server, api_key)
+    client = ApiClient(config)
+    if config.explicit or client.probe():
+        return client
+    client.close()
+    if os.path.exists(LOCAL_STATE):
+        click.echo(f"(no OneOff server answers at {config.server}: reading {LOCAL_STATE})",
+                   err=True)
+        return StateReader(LOCAL_STATE)
+    raise Unreachable(
+        f"cannot reach the OneOff server at {config.server}, and there is no state file "
+        f"{LOCAL_STATE} to read instead; start 'oneoff serve', or pass --server or --state")
+
+
+def open_client(server: str | None, api_key: str | None) -> ApiClient:
+    """The server, for verbs that change something (no fallback: a state file is
+    written only by its server)."""
+    return ApiClient(client_config(server, api_key))
+
+
+@contextmanager
+def progress(message: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr while something slow happens, only on a terminal; yields a
+    function that changes the message."""
+    if not sys.stderr.isatty():
+        yield lambda text: None
+        return
+    state = {"message": message}
+    done = threading.Event()
+
+    def spin() -> None:
+        if done.wait(0.3):  # quick operations show nothing
+            return
+        for frame in itertools.cycle("|/-\\"):
+            sys.stderr.write(f"\r\x1b[K{frame} {state['message']}")
+            sys.stderr.flush()
+            if done.wait(0.1):
+                return
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield lambda text: state.update(message=text)
+    finally:
+        done.set()
+        thread.join()
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+
+# --- validate / apply / diff ---------------------------------------------------------
 
 
 @cli.command()
@@ -126,41 +233,115 @@ def validate(paths: tuple[str, ...]) -> int:
     return EXIT_OK
 
 
+filename_option = click.option(
+    "-f", "--filename", "paths", multiple=True, required=True,
+    help="Manifest file or directory, repeatable; - reads standard input.")
+field_manager_option = click.option(
+    "--field-manager", default="cli", show_default=True,
+    help="The server-side source of what is applied is api:NAME.")
+
+
 @cli.command()
+@filename_option
+@click.option("--dry-run", is_flag=True, help="Only show the plan; change nothing.")
+@click.option("--prune", is_flag=True,
+              help="Delete objects of this field manager that PATH no longer declares.")
+@click.option("--force", is_flag=True, help="Take over objects another source owns.")
+@field_manager_option
+@output_option
+@server_options
+def apply(paths: tuple[str, ...], dry_run: bool, prune: bool, force: bool, field_manager: str,
+          output: str, server: str | None, api_key: str | None) -> int:
+    """Send manifests to the server and print the plan it applied (or would apply)."""
+    with closing(open_client(server, api_key)) as client:
+        result = _server_plan(client, paths, dry_run=dry_run, prune=prune, force=force,
+                              field_manager=field_manager)
+    if output != "table":
+        click.echo(dump(result, output), nl=False)
+    else:
+        click.echo(render_plan(result["plan"]), nl=False)
+        if result.get("dryRun"):
+            click.echo("(dry run: nothing was changed)", err=True)
+    _raise_plan_problems(result["plan"])
+    return EXIT_OK
+
+
+def _server_plan(client: ApiClient, paths: tuple[str, ...], **options: Any) -> dict[str, Any]:
+    """Read PATH like the loader does, send it as one apply, return the server's answer
+    (a refused apply's plan is printed before its error propagates)."""
+    with progress("reading manifests") as say:
+        bundle = Bundle.from_paths(paths, DEFAULT_MAX_FILE_BYTES)
+        if bundle.issues:
+            raise ManifestError(bundle.issues)
+        if not bundle.parts:
+            raise UsageError(f"no manifest files (.yaml, .yml) in {', '.join(paths)}")
+        say(f"{'planning' if options['dry_run'] else 'applying'} {len(bundle.parts)} file(s) "
+            f"on {client.where}")
+        try:
+            return client.apply(bundle, **options)
+        except ApplyConflict as exc:
+            refused = exc
+    if refused.plan is not None:
+        click.echo(render_plan(refused.plan), nl=False)
+    raise refused
+
+
+def _raise_plan_problems(plan_doc: dict[str, Any]) -> None:
+    issues = [Issue(**issue) for issue in plan_doc.get("issues", [])]
+    if issues:
+        raise ManifestError(issues)
+    if plan_doc.get("refused"):
+        raise PlanRefused(plan_doc["refused"])
+
+
+@cli.command()
+@filename_option
 @click.option(
-    "-f",
-    "--filename",
-    "paths",
-    multiple=True,
-    required=True,
-    help="Manifest file or directory, repeatable.",
-)
-@click.option(
-    "--prune", is_flag=True, help="Also show deletes for a file source (a directory always prunes)."
-)
-@click.option(
-    "--field-manager",
-    default="cli",
-    show_default=True,
-    help="Source name for manifests that are not one directory.",
-)
+    "--prune", is_flag=True, help="Also show deletes for a file source (a directory always "
+    "prunes against a state file).")
+@field_manager_option
 @state_option
-def diff(paths: tuple[str, ...], prune: bool, field_manager: str, state: str) -> int:
-    """Show what applying PATH would change; exit 0 no change, 1 changes, 2 errors."""
+@server_options
+def diff(paths: tuple[str, ...], prune: bool, field_manager: str, state: str | None,
+         server: str | None, api_key: str | None) -> int:
+    """Show what applying PATH would change; exit 0 no change, 1 changes, 2 errors.
+
+    Against a server this is ``apply --dry-run``; against a state file (``--state``, or
+    no server running) a directory is compared as the directory source it would be.
+    """
+    if state and not os.path.exists(state):
+        click.echo(f"(no state file at {state}: comparing with an empty state)", err=True)
+        plan_doc = _local_plan(paths, prune, field_manager, None)
+    else:
+        with closing(open_reader(state, server, api_key)) as reader:
+            if isinstance(reader, ApiClient):
+                try:
+                    result = _server_plan(reader, paths, dry_run=True, prune=prune,
+                                          force=False, field_manager=field_manager)
+                except ApplyConflict as exc:  # like kubectl diff: anything but a plan is > 1
+                    raise (ManifestError(exc.issues) if exc.issues else PlanRefused(str(exc))
+                           ) from None
+                plan_doc = result["plan"]
+            else:
+                assert isinstance(reader, StateReader)
+                plan_doc = _local_plan(paths, prune, field_manager, reader.store)
+    click.echo(render_plan(plan_doc), nl=False)
+    _raise_plan_problems(plan_doc)
+    counts = plan_doc["counts"]
+    return EXIT_CHANGES if any(counts.get(a) for a in ("create", "update", "delete")) else EXIT_OK
+
+
+def _local_plan(paths: tuple[str, ...], prune: bool, field_manager: str, store: Store | None
+                ) -> dict[str, Any]:
     if len(paths) == 1 and os.path.isdir(paths[0]):
         source, prune = directory_source_name(paths[0]), True
     else:
         source = f"api:{field_manager}"
-    stored: list[Stored] = []
-    if os.path.exists(state):
-        with Store(state, readonly=True) as store:
-            stored = store.objects()
-    else:
-        click.echo(f"(no state file at {state}: comparing with an empty state)", err=True)
+    stored: list[Stored] = store.objects() if store is not None else []
     result = load_paths(paths)
     check_references(result, (obj.key for obj in stored if obj.source != source))
     declared = {obj.key for obj in result.objects}
-    the_plan = plan(
+    return plan_document(plan(
         source,
         result.objects,
         [o for o in stored if o.source == source or o.key in declared],
@@ -169,47 +350,35 @@ def diff(paths: tuple[str, ...], prune: bool, field_manager: str, state: str) ->
         issues=result.issues,
         prune=prune,
         max_prune_share=load_settings().prune_max_share,
-    )
-    click.echo(render_plan(the_plan), nl=False)
-    if the_plan.issues:
-        raise ManifestError(list(the_plan.issues))
-    if the_plan.refused:
-        raise PlanRefused(the_plan.refused)
-    return EXIT_CHANGES if the_plan.has_changes else EXIT_OK
+    ))
 
 
-def render_plan(the_plan: Plan) -> str:
-    """A plan as a person reads it: one line per change, field diffs indented."""
-    marks = {Action.CREATE: "+", Action.UPDATE: "~", Action.DELETE: "-"}
+def render_plan(plan_doc: dict[str, Any]) -> str:
+    """A plan document as a person reads it: one line per change, field diffs indented."""
+    marks = {"create": "+", "update": "~", "delete": "-"}
     out = io.StringIO()
-    for change in the_plan.changes:
-        if change.action is Action.UNCHANGED:
-            if change.note:
-                out.write(f"  {change.key}: {change.note}\n")
+    for change in plan_doc["changes"]:
+        key = f"{change['kind']} {change['namespace']}/{change['name']}"
+        if change["action"] == "unchanged":
+            if change.get("note"):
+                out.write(f"  {key}: {change['note']}\n")
             continue
-        where = (
-            change.desired.location
-            if change.desired
-            else (change.stored.location if change.stored else "")
-        )
-        out.write(
-            f"{marks[change.action]} {change.action.value} {change.key}"
-            + (f"  ({where})" if where else "")
-            + "\n"
-        )
-        for field_diff in change.diffs:
-            if field_diff.added:
-                out.write(f"    + {field_diff.path}: {_short(field_diff.after)}\n")
-            elif field_diff.removed:
-                out.write(f"    - {field_diff.path}: {_short(field_diff.before)}\n")
+        where = change.get("location")
+        out.write(f"{marks[change['action']]} {change['action']} {key}"
+                  + (f"  ({where})" if where else "") + "\n")
+        for field_diff in change.get("diffs", []):
+            path, op = field_diff["path"], field_diff["op"]
+            if op == "add":
+                out.write(f"    + {path}: {_short(field_diff['after'])}\n")
+            elif op == "remove":
+                out.write(f"    - {path}: {_short(field_diff['before'])}\n")
             else:
-                out.write(
-                    f"    ~ {field_diff.path}: {_short(field_diff.before)} → "
-                    f"{_short(field_diff.after)}\n"
-                )
-        if change.action is Action.UPDATE and not change.spec_changed and change.diffs:
+                out.write(f"    ~ {path}: {_short(field_diff['before'])} → "
+                          f"{_short(field_diff['after'])}\n")
+        if change["action"] == "update" and not change.get("specChanged") and change.get(
+                "diffs"):
             out.write("    (metadata only: generation unchanged)\n")
-    out.write(f"Plan for {the_plan.source}: {the_plan.summary()}\n")
+    out.write(f"Plan for {plan_doc['source']}: {plan_doc['summary']}\n")
     return out.getvalue()
 
 
@@ -219,6 +388,16 @@ def _short(value: Any) -> str:
 
 
 # --- get -----------------------------------------------------------------------------
+
+
+def _kind(kind: str) -> str:
+    resolved = KIND_NAMES.get(kind.lower())
+    if resolved is None:
+        raise UsageError(
+            f"unknown kind {kind!r}; use one of jobs, chains, webhooks, apikeys, executions, "
+            "sources"
+        )
+    return resolved
 
 
 @cli.command()
@@ -232,6 +411,7 @@ def _short(value: Any) -> str:
 @click.option("--status", default=None, help="Executions: only this status.")
 @click.option("--limit", default=50, show_default=True, help="Executions: at most this many.")
 @state_option
+@server_options
 def get(
     kind: str,
     name: str | None,
@@ -242,51 +422,42 @@ def get(
     job: str | None,
     status: str | None,
     limit: int,
-    state: str,
+    state: str | None,
+    server: str | None,
+    api_key: str | None,
 ) -> int:
     """List objects of KIND (jobs, chains, webhooks, apikeys, executions, sources)."""
-    resolved = KIND_NAMES.get(kind.lower())
-    if resolved is None:
-        raise UsageError(
-            f"unknown kind {kind!r}; use one of jobs, chains, webhooks, apikeys, executions, "
-            "sources"
-        )
+    resolved = _kind(kind)
     try:
-        requirements = parse_selector(selector)
+        parse_selector(selector)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    with Store(state, readonly=True) as store:
+    ns = None if all_namespaces else (namespace or "default")
+    with closing(open_reader(state, server, api_key)) as reader:
         if resolved == "Source":
-            click.echo(render_sources(store), nl=False)
+            sources = reader.sources()
+            click.echo(render_sources(sources) if output == "table" else
+                       dump({"items": sources}, output), nl=False)
             return EXIT_OK
-        ns = None if all_namespaces else (namespace or "default")
         if resolved == "Execution":
-            return _get_executions(store, name, job, ns, status, limit, output)
-        objects = [
-            obj
-            for obj in store.objects(resolved, ns, name=name)
-            if selector_matches(requirements, obj.labels)
-        ]
-        documents = [to_document(obj) for obj in objects]
-        if resolved == "Job" and output != "table":
-            for document, obj in zip(documents, objects, strict=True):
-                document["status"].update(job_status_extra(store, obj))
-    if name is not None and not objects:
+            return _get_executions(reader, name, job, ns, status, limit, output)
+        documents = reader.objects(resolved, ns, selector, name)
+    if name is not None and not documents:
         raise NotFound(f"{resolved} {ns or '*'}/{name} not found")
+    _print_objects(resolved, documents, output, ns, one=name is not None)
+    return EXIT_OK
+
+
+def _print_objects(kind: str, documents: list[dict[str, Any]], output: str, ns: str | None,
+                   one: bool = False) -> None:
     if output == "table":
         if not documents:
             where = "any namespace" if ns is None else f"namespace {ns!r}"
-            click.echo(f"No {resolved} objects found in {where}.", err=True)
-            return EXIT_OK
-        click.echo(render_table(resolved, documents, wide_namespace=ns is None), nl=False)
+            click.echo(f"No {kind} objects found in {where}.", err=True)
+            return
+        click.echo(render_table(kind, documents, wide_namespace=ns is None), nl=False)
     else:
-        body: Any = (
-            documents[0]
-            if name is not None
-            else {"apiVersion": API_VERSION, "kind": "List", "items": documents}
-        )
-        click.echo(dump(body, output), nl=False)
-    return EXIT_OK
+        click.echo(dump(documents[0] if one else list_document(documents), output), nl=False)
 
 
 def dump(value: Any, output: str) -> str:
@@ -371,6 +542,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("NAMESPACES", lambda d: ",".join(d["spec"].get("namespaces") or ["*"])),
         ("EXPIRES", lambda d: d["spec"].get("expiresAt") or "never"),
         ("DISABLED", lambda d: str(d["spec"].get("disabled", False)).lower()),
+        ("LAST USED", lambda d: d["status"].get("lastUsedAt") or "-"),
         ("SOURCE", _source),
         ("AGE", _age),
     ],
@@ -395,76 +567,74 @@ def _format_rows(rows: list[list[str]]) -> str:
     )
 
 
-def render_sources(store: Store) -> str:
-    statuses = store.sources()
+def render_sources(sources: Sequence[dict[str, Any]]) -> str:
     rows = [["SOURCE", "OK", "OBJECTS", "LAST SYNC", "MESSAGE"]]
     rows.extend(
-        [
-            status.name,
-            "yes" if status.ok else "no",
-            str(status.objects),
-            status.last_sync_at or "never",
-            status.message,
-        ]
-        for status in statuses
+        [source["name"], "yes" if source["ok"] else "no", str(source["objects"]),
+         source.get("lastSyncAt") or "never", source.get("message") or ""]
+        for source in sources
     )
     text = _format_rows(rows)
-    for status in statuses:
-        text += "".join(f"  {issue}\n" for issue in status.issues)
+    for source in sources:
+        text += "".join(f"  {Issue(**issue)}\n" for issue in source.get("issues", []))
     return text
 
 
 # --- runs ----------------------------------------------------------------------------
 
 
-def _duration(run: Execution) -> str:
-    if not run.started_at:
+def _duration(doc: dict[str, Any]) -> str:
+    status = doc["status"]
+    if not status.get("startedAt"):
         return ""
-    end = datetime.fromisoformat(run.finished_at) if run.finished_at else datetime.now(UTC)
-    seconds = (end - datetime.fromisoformat(run.started_at)).total_seconds()
+    finished = status.get("finishedAt")
+    end = datetime.fromisoformat(finished) if finished else datetime.now(UTC)
+    seconds = (end - datetime.fromisoformat(status["startedAt"])).total_seconds()
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
 
 
-def render_executions(runs: Sequence[Execution], wide_namespace: bool) -> str:
+def _result(doc: dict[str, Any]) -> str:
+    status = doc["status"]
+    result = (
+        f"exit {status['exitCode']}" if status.get("exitCode") is not None
+        else f"HTTP {status['httpStatus']}" if status.get("httpStatus") is not None
+        else ""
+    )
+    if status.get("error") and status["phase"] != RunStatus.SUCCEEDED:
+        result = (result + ": " if result else "") + status["error"].splitlines()[0][:60]
+    return result
+
+
+def render_executions(documents: Sequence[dict[str, Any]], wide_namespace: bool) -> str:
+    """Execution documents (``records.execution_document``) as a table."""
     rows = [["RUN", "JOB", "TYPE", "STATUS", "ATTEMPT", "SCHEDULED", "DURATION", "RESULT"]]
     if wide_namespace:
         rows[0].insert(1, "NAMESPACE")
-    for run in runs:
-        result = (
-            f"exit {run.exit_code}" if run.exit_code is not None
-            else f"HTTP {run.http_status}" if run.http_status is not None
-            else ""
-        )
-        if run.error and run.status is not RunStatus.SUCCEEDED:
-            result = (result + ": " if result else "") + run.error.splitlines()[0][:60]
-        row = [run.id, run.name, run.type, run.status.value, str(run.attempt),
-               run.scheduled_at, _duration(run), result]
+    for doc in documents:
+        spec, status = doc["spec"], doc["status"]
+        row = [doc["metadata"]["name"], spec["job"], spec["type"], status["phase"],
+               str(status["attempt"]), spec["scheduledAt"], _duration(doc), _result(doc)]
         if wide_namespace:
-            row.insert(1, run.namespace)
+            row.insert(1, doc["metadata"]["namespace"])
         rows.append(row)
     return _format_rows(rows)
 
 
 def _get_executions(
-    store: Store, run_id: str | None, job: str | None, namespace: str | None,
+    reader: Reader, run_id: str | None, job: str | None, namespace: str | None,
     status: str | None, limit: int, output: str,
 ) -> int:
     if run_id is not None:
-        found = store.execution(run_id)
-        if found is None:
-            raise NotFound(f"no run {run_id!r}")
-        runs, attempts = [found[0]], found[1]
+        documents = [reader.execution(run_id)]
     else:
-        runs, attempts = store.executions(namespace, job, status, limit), None
+        documents = reader.executions(namespace, job, status, limit)
     if output == "table":
-        if not runs:
+        if not documents:
             click.echo("No executions found.", err=True)
             return EXIT_OK
-        click.echo(render_executions(runs, wide_namespace=namespace is None), nl=False)
+        click.echo(render_executions(documents, wide_namespace=namespace is None), nl=False)
         return EXIT_OK
-    documents = [execution_document(run, attempts) for run in runs]
-    body: Any = documents[0] if run_id is not None else {
-        "apiVersion": API_VERSION, "kind": "List", "items": documents}
+    body = documents[0] if run_id is not None else list_document(documents)
     click.echo(dump(body, output), nl=False)
     return EXIT_OK
 
@@ -474,32 +644,33 @@ def _get_executions(
 @click.argument("name")
 @click.option("-n", "--namespace", default="default", show_default=True)
 @state_option
-def describe(kind: str, name: str, namespace: str, state: str) -> int:
+@server_options
+def describe(kind: str, name: str, namespace: str, state: str | None, server: str | None,
+             api_key: str | None) -> int:
     """Show a job: spec, source, conditions, last and next run, recent runs."""
-    with Store(state, readonly=True) as store:
-        job = store.get(ObjectKey("Job", namespace, name))
-        if job is None:
-            raise NotFound(f"Job {namespace}/{name} not found")
-        runs = store.executions(namespace, name, None, 10)
-        extra = job_status_extra(store, job)
-    document = to_document(job)
-    last = extra.get("lastRun")
+    with closing(open_reader(state, server, api_key)) as reader:
+        document = reader.object("Job", namespace, name)
+        runs = reader.executions(namespace, name, None, 10)
+    metadata, status = document["metadata"], document["status"]
+    source = status.get("source", {})
+    last = status.get("lastRun")
     lines = [
         f"Name:         {name}",
         f"Namespace:    {namespace}",
-        f"UID:          {job.uid}",
-        f"Generation:   {job.generation}",
-        f"Created:      {job.created_at}",
-        f"Source:       {job.source}",
-        f"File:         {job.location}",
-        "Labels:       " + (",".join(f"{k}={v}" for k, v in job.labels.items()) or "-"),
+        f"UID:          {metadata['uid']}",
+        f"Generation:   {metadata['generation']}",
+        f"Created:      {metadata['creationTimestamp']}",
+        f"Source:       {source.get('name', '-')}",
+        f"File:         {_source(document) if source.get('file') else '-'}",
+        "Labels:       " + (",".join(f"{k}={v}" for k, v in metadata.get("labels", {}).items())
+                            or "-"),
         f"Schedule:     {_schedule(document)}",
-        f"Next run:     {extra.get('nextRunAt', '-')}",
+        f"Next run:     {status.get('nextRunAt', '-')}",
         f"Last run:     {last['id'] + ' ' + last['status'] if last else '-'}",
         "Conditions:",
         *(f"  {c['type']}={c['status']} {c['reason']}: {c['message']} "
           f"(generation {c['observedGeneration']})"
-          for c in document["status"].get("conditions", [])),
+          for c in status.get("conditions", [])),
         "Spec:",
         *(f"  {line}" for line in dump(document["spec"], "yaml").splitlines()),
         "Recent runs:",
@@ -511,25 +682,296 @@ def describe(kind: str, name: str, namespace: str, state: str) -> int:
     return EXIT_OK
 
 
+def _find_run(reader: Reader, run: str, namespace: str) -> dict[str, Any]:
+    """RUN as a run id, else the latest run of the job named RUN."""
+    try:
+        return reader.execution(run)
+    except NotFound:
+        latest = reader.executions(namespace, run, None, 1)
+    if not latest:
+        raise NotFound(f"no run {run!r}, and no job {namespace}/{run} with runs")
+    return reader.execution(latest[0]["metadata"]["name"])
+
+
+def _status_line(doc: dict[str, Any]) -> str:
+    status = doc["status"]
+    error = status.get("error") or ""
+    detail = f": {error}" if error and error != status["phase"] else ""
+    took = f" in {_duration(doc)}" if status.get("finishedAt") and _duration(doc) else ""
+    return f"[run {doc['metadata']['name']} {status['phase']}{took}{detail}]"
+
+
+def _follow(reader: Reader, run_id: str, show_output: bool, poll: float = 0.25
+            ) -> dict[str, Any]:
+    """Print the run's output as it is produced (when asked) until the run is final;
+    returns its final document. Streams from the server when there is one, and polls
+    (the server without streaming, or a state file the server writes) otherwise."""
+    printed = 0
+
+    def emit(text: str) -> None:
+        nonlocal printed
+        if len(text) > printed:
+            click.echo(text[printed:], nl=False)
+            sys.stdout.flush()
+            printed = len(text)
+
+    if not show_output:
+        with progress(f"waiting for run {run_id}") as say:
+            while (doc := reader.execution(run_id))["status"]["phase"] not in FINAL:
+                say(f"run {run_id} is {doc['status']['phase']}")
+                time.sleep(poll)
+        return doc
+    if isinstance(reader, ApiClient):
+        with reader.stream(f"/api/v1/executions/{run_id}/output", {"follow": True}) as chunks:
+            streamed = ""
+            for chunk in chunks:
+                streamed += chunk
+                emit(streamed)
+    while True:
+        doc = reader.execution(run_id)
+        emit(reader.output(run_id))  # what the stream missed, or all of it when polling
+        if doc["status"]["phase"] in FINAL:
+            return doc
+        time.sleep(poll)
+
+
 @cli.command()
 @click.argument("run")
 @click.option("-n", "--namespace", default="default", show_default=True,
               help="Namespace of the job when RUN is a job name.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing the output as it is produced until the run ends.")
 @state_option
-def logs(run: str, namespace: str, state: str) -> int:
+@server_options
+def logs(run: str, namespace: str, follow: bool, state: str | None, server: str | None,
+         api_key: str | None) -> int:
     """Print the output of RUN (a run id, or a job name for its latest run)."""
-    with Store(state, readonly=True) as store:
-        found = store.execution(run)
-        if found is None:
-            latest = store.executions(namespace, run, None, 1)
-            found = store.execution(latest[0].id) if latest else None
-    if found is None:
-        raise NotFound(f"no run {run!r}, and no job {namespace}/{run} with runs")
-    execution = found[0]
-    click.echo(execution.output or "", nl=False)
-    if execution.status is not RunStatus.SUCCEEDED:
-        detail = f": {execution.error}" if execution.error else ""
-        click.echo(f"[run {execution.id} {execution.status.value}{detail}]", err=True)
+    with closing(open_reader(state, server, api_key)) as reader:
+        found = _find_run(reader, run, namespace)
+        run_id = found["metadata"]["name"]
+        if follow:
+            found = _follow(reader, run_id, show_output=True)
+            click.echo(_status_line(found), err=True)
+            return EXIT_OK
+        output = reader.output(run_id)
+    click.echo(output, nl=False)
+    if found["status"]["phase"] != RunStatus.SUCCEEDED:
+        click.echo(_status_line(found), err=True)
+    return EXIT_OK
+
+
+# --- actions: run / cancel / delete --------------------------------------------------
+
+
+@cli.command()
+@click.argument("job")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--wait", is_flag=True, help="Wait until the run is final; exit 0 only if it "
+              "succeeded.")
+@click.option("-f", "--follow", is_flag=True, help="Print its output as it runs (implies "
+              "--wait).")
+@output_option
+@server_options
+def run(job: str, namespace: str, wait: bool, follow: bool, output: str, server: str | None,
+        api_key: str | None) -> int:
+    """Run JOB now (its overlapPolicy decides beside active runs); prints the run id."""
+    with closing(open_client(server, api_key)) as client:
+        doc = client.run(namespace, job)
+        run_id = doc["metadata"]["name"]
+        if output == "table":
+            click.echo(run_id)
+            sys.stdout.flush()
+        if wait or follow:
+            doc = _follow(client, run_id, show_output=follow)
+            if output == "table":
+                click.echo(_status_line(doc), err=True)
+    if output != "table":
+        click.echo(dump(doc, output), nl=False)
+    phase = doc["status"]["phase"]
+    if phase in FINAL and phase != RunStatus.SUCCEEDED:
+        if not (wait or follow) and output == "table":
+            click.echo(_status_line(doc), err=True)
+        return EXIT_CHANGES
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--job", default=None, help="Cancel every active run of this job instead.")
+@click.option("-n", "--namespace", default="default", show_default=True,
+              help="Namespace of --job.")
+@server_options
+def cancel(run_id: str | None, job: str | None, namespace: str, server: str | None,
+           api_key: str | None) -> int:
+    """Cancel RUN_ID (pending, queued or running), or all active runs of --job."""
+    if (run_id is None) == (job is None):
+        raise UsageError("give either RUN_ID or --job NAME")
+    with closing(open_client(server, api_key)) as client:
+        if job is not None:
+            cancelled = client.cancel_job(namespace, job)
+            if not cancelled:
+                click.echo(f"Job {namespace}/{job} has no active runs; nothing to cancel")
+            for cancelled_id in cancelled:
+                click.echo(f"run {cancelled_id} cancelled")
+            return EXIT_OK
+        assert run_id is not None
+        doc = client.cancel_run(run_id)
+    phase = doc["status"]["phase"]
+    click.echo(f"run {run_id} cancelled" if phase == RunStatus.CANCELLED
+               else f"run {run_id}: cancel requested (it is {phase})")
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("kind")
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@server_options
+def delete(kind: str, name: str, namespace: str, server: str | None, api_key: str | None
+           ) -> int:
+    """Delete an object the API created (a directory's objects are deleted from git)."""
+    resolved = _kind(kind)
+    if resolved not in KINDS:
+        raise UsageError(f"cannot delete {kind!r}; use one of jobs, chains, webhooks, apikeys")
+    with closing(open_client(server, api_key)) as client:
+        client.delete(resolved, namespace, name)
+    click.echo(f"{resolved} {namespace}/{name} deleted")
+    return EXIT_OK
+
+
+@cli.command()
+@output_option
+@server_options
+def whoami(output: str, server: str | None, api_key: str | None) -> int:
+    """Show which key the server sees: its name, scopes and namespaces."""
+    with closing(open_client(server, api_key)) as client:
+        who = client.whoami()
+    if output != "table":
+        click.echo(dump(who, output), nl=False)
+    elif not who.get("authenticated"):
+        click.echo(f"anonymous on {client.where} (no ApiKey objects: auth is off); "
+                   f"scopes {','.join(who.get('scopes', []))}")
+    else:
+        click.echo(f"{who['name']} on {client.where}: scopes {','.join(who['scopes'])}; "
+                   f"namespaces {','.join(who['namespaces'] or ['*'])}")
+    return EXIT_OK
+
+
+# --- keys ----------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """API keys: generate one for a manifest, or create, list and revoke them on a server."""
+
+
+scope_option = click.option(
+    "--scope", "scopes", multiple=True,
+    type=click.Choice(["read", "run", "cancel", "write", "admin"]),
+    help="Repeatable: read, run, cancel, write (objects), admin (keys). Default: read.")
+
+
+@keys.command("generate")
+@click.option("--name", default="my-key", show_default=True, help="metadata.name of the "
+              "manifest snippet.")
+@scope_option
+@output_option
+def keys_generate(name: str, scopes: tuple[str, ...], output: str) -> int:
+    """Print a new random token, its tokenSha256 and an ApiKey manifest (offline)."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    sha = _sha256(token)
+    manifest = {"apiVersion": API_VERSION, "kind": "ApiKey", "metadata": {"name": name},
+                "spec": {"scopes": list(scopes or ["read"]), "tokenSha256": sha}}
+    if output != "table":
+        click.echo(dump({"token": token, "tokenSha256": sha, "manifest": manifest}, output),
+                   nl=False)
+        return EXIT_OK
+    click.echo(
+        "token (give it to the CLI or your application as ONEOFF_API_KEY; it is shown only\n"
+        "here, and never goes into git):\n"
+        f"  {token}\n"
+        f"tokenSha256: {sha}\n\n"
+        f"ApiKey manifest (only the hash), e.g. for jobs.d/{name}.yaml:\n"
+        + dump(manifest, "yaml"), nl=False)
+    return EXIT_OK
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def expires_at(text: str, now: datetime | None = None) -> str:
+    """``30d``, ``12h``, ``90m``, ``2w`` from now, or an RFC 3339 instant with an offset."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text[:-1].isdigit() and text[-1:] in units:
+        moment = (now or datetime.now(UTC)) + timedelta(seconds=int(text[:-1]) * units[text[-1]])
+        return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        aware = datetime.fromisoformat(text.replace("Z", "+00:00")).tzinfo is not None
+    except ValueError:
+        aware = False
+    if not aware:
+        raise UsageError(f"--expires {text!r}: use a duration like 30d, 12h, 2w, or an RFC 3339 "
+                         "instant with an offset like 2030-01-01T00:00:00Z")
+    return text
+
+
+@keys.command("create")
+@click.argument("name")
+@scope_option
+@click.option("--namespace", "namespaces", multiple=True,
+              help="Repeatable: limit the key to this namespace (default: all).")
+@click.option("--expires", default=None, help="30d, 12h, 2w, or an RFC 3339 instant.")
+@output_option
+@server_options
+def keys_create(name: str, scopes: tuple[str, ...], namespaces: tuple[str, ...],
+                expires: str | None, output: str, server: str | None, api_key: str | None
+                ) -> int:
+    """Create an API key on the server (admin scope); prints its token once."""
+    spec: dict[str, Any] = {"scopes": list(scopes or ["read"])}
+    if namespaces:
+        spec["namespaces"] = list(namespaces)
+    if expires:
+        spec["expiresAt"] = expires_at(expires)
+    document = {"apiVersion": API_VERSION, "kind": "ApiKey", "metadata": {"name": name},
+                "spec": spec}
+    with closing(open_client(server, api_key)) as client:
+        created = client.create("ApiKey", "default", document)
+    if output != "table":
+        click.echo(dump(created, output), nl=False)
+        return EXIT_OK
+    click.echo(f"ApiKey default/{name} created (scopes {','.join(spec['scopes'])}"
+               + (f", namespaces {','.join(namespaces)}" if namespaces else "")
+               + (f", expires {spec['expiresAt']}" if expires else "")
+               + "); its token follows and is shown only this once:", err=True)
+    click.echo(created.get("token", ""))
+    return EXIT_OK
+
+
+@keys.command("list")
+@output_option
+@state_option
+@server_options
+def keys_list(output: str, state: str | None, server: str | None, api_key: str | None) -> int:
+    """List API keys (scopes, namespaces, expiry, last use; never their secrets)."""
+    with closing(open_reader(state, server, api_key)) as reader:
+        documents = reader.objects("ApiKey", None)
+    _print_objects("ApiKey", documents, output, None)
+    return EXIT_OK
+
+
+@keys.command("revoke")
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True,
+              help="Namespace of the ApiKey object.")
+@server_options
+def keys_revoke(name: str, namespace: str, server: str | None, api_key: str | None) -> int:
+    """Revoke a key created through the API: it stops working on the next request.
+
+    A key declared in a manifest is revoked there (``disabled: true``, or remove it)."""
+    with closing(open_client(server, api_key)) as client:
+        client.delete("ApiKey", namespace, name)
+    click.echo(f"ApiKey {namespace}/{name} revoked")
     return EXIT_OK
 
 
@@ -562,6 +1004,15 @@ def schema(kind: str | None, directory: str | None) -> int:
 # --- exit codes ----------------------------------------------------------------------
 
 
+def exit_code(exc: OneOffError) -> int:
+    """The one table of exit codes (README "Using the CLI against a server")."""
+    if isinstance(exc, ManifestError | UsageError | PlanRefused):
+        return EXIT_USAGE
+    if isinstance(exc, Unreachable | Unauthorized | Forbidden | ServerError | StoreError):
+        return EXIT_UNREACHABLE
+    return EXIT_CHANGES  # NotFound, Conflict, and any other target that failed
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the console script; the one place errors become exit codes."""
     try:
@@ -576,23 +1027,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         code = EXIT_USAGE
-    except ManifestError as exc:
-        for issue in exc.issues:
-            click.echo(f"error: {issue}", err=True)
-        click.echo(f"{len(exc.issues)} error(s)", err=True)
-        code = EXIT_USAGE
-    except (UsageError, PlanRefused) as exc:
-        click.echo(f"error: {exc}", err=True)
-        code = EXIT_USAGE
-    except NotFound as exc:
-        click.echo(f"error: {exc}", err=True)
-        code = EXIT_CHANGES
-    except StoreError as exc:
-        click.echo(f"error: {exc}", err=True)
-        code = EXIT_UNREACHABLE
     except OneOffError as exc:
-        click.echo(f"error: {exc}", err=True)
-        code = EXIT_CHANGES
+        if isinstance(exc, ManifestError):
+            for issue in exc.issues:
+                click.echo(f"error: {issue}", err=True)
+            click.echo(f"{len(exc.issues)} error(s)", err=True)
+        elif isinstance(exc, ApplyConflict) and exc.issues:
+            for issue in exc.issues:
+                click.echo(f"error: {issue}", err=True)
+            click.echo(f"{len(exc.issues)} conflict(s): the server applied nothing", err=True)
+        else:
+            click.echo(f"error: {exc}", err=True)
+        code = exit_code(exc)
+    except BrokenPipeError:  # `oneoff get executions | head`
+        sys.stderr.close()
+        code = EXIT_OK
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

@@ -2,15 +2,20 @@
 
 Every error a user can see is raised as one of these; the CLI maps them to an exit code
 in one place (``cli.main``) and the API maps them to problem+json in one handler
-(``api._problem``).
+(``api._problem``); the CLI's client (``client.problem_error``) turns problem+json back
+into the same classes.
 
     OneOffError                  anything OneOff reports on purpose
     ├── ManifestError            manifests that cannot be read or validated (carries Issues)
     ├── PlanRefused              a plan that breaks a safety rule (mass prune, conflicts)
     ├── NotFound                 a named object or run does not exist        (HTTP 404)
     ├── Conflict                 the request fights the current state        (HTTP 409)
+    │   └── ApplyConflict        an apply refused as a whole; carries its plan and issues
     ├── Unauthorized             no API key, or an unknown/expired/revoked one (HTTP 401)
     ├── Forbidden                the key lacks the scope or namespace         (HTTP 403)
+    ├── Unreachable              the CLI cannot reach the server (refused, DNS, TLS, timeout)
+    ├── ServerError              the server answered with an error of its own (HTTP 5xx) or
+    │                            is not a OneOff server
     ├── StoreError               the state file cannot be opened, migrated or written
     └── UsageError               a command line or setting that makes no sense
 
@@ -22,6 +27,7 @@ source status and are rendered as ``file:line:column: field: message``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +98,23 @@ class Unauthorized(OneOffError):
 
 class Forbidden(OneOffError):
     """The API key is valid but lacks the scope or namespace the request needs."""
+
+
+class ApplyConflict(Conflict):
+    """An apply the server refused as a whole (an object another source owns, a mass
+    prune): the plan it computed and the located issues, for the CLI to show."""
+
+    def __init__(self, message: str, plan: dict[str, Any] | None = None,
+                 issues: list[Issue] | None = None) -> None:
+        self.plan = plan
+        self.issues = issues or []
+        super().__init__(message)
+
+
+class Unreachable(OneOffError):
+    """The CLI cannot reach the server: connection refused, unknown host, TLS, timeout."""
+
+
+class ServerError(OneOffError):
+    """The server answered with an error of its own (HTTP 5xx), or something that is not
+    a OneOff server answered."""

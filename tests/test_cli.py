@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from oneoff.store import Store
 
 
 def oneoff(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([ONEOFF, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    """The CLI reading ./oneoff.db by name (ONEOFF_STATE), whatever listens on :8080."""
+    env = {**os.environ, "ONEOFF_STATE": "oneoff.db"}
+    return subprocess.run([ONEOFF, *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env=env)
 
 
 @pytest.fixture
