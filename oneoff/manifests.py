@@ -290,7 +290,8 @@ class DockerResources(Model):
     memory: Annotated[str, StringConstraints(pattern=r"^\d+(\.\d+)?([kKmMgG]i?|[bB])?$")] | None = (
         None
     )
-    """Memory limit, e.g. ``256m``, ``512Mi`` or ``1g``."""
+    """Memory limit, e.g. ``256m``, ``512Mi`` or ``1g``: bytes without a unit; k, m, g (or Ki,
+    Mi, Gi) are powers of 1024, as for ``docker run --memory``."""
 
 
 class DockerExecutor(Model):
@@ -314,6 +315,8 @@ class DockerExecutor(Model):
     """When to pull the image; ``Never`` fails clearly if it is missing locally."""
     resources: DockerResources = DockerResources()
     """CPU and memory limits."""
+    success_exit_codes: list[int] = [0]
+    """Exit codes of the container counted as success."""
 
 
 class KubernetesExecutor(Model):
