@@ -14,10 +14,11 @@ its output, start it and wait for its exit. On timeout or cancel it gets its sto
 (SIGTERM unless the image declares another), then SIGKILL after ``ctx.kill_grace``.
 Whatever happens, the container is removed afterwards.
 
-The SDK blocks. Short calls (inspect, create, start, kill, remove) run on the runner's own
-thread pool; the two calls that last as long as the container (waiting for its exit,
-reading its output) get a thread each, so a container never holds the event loop, nor
-the asyncio default executor that the store's writes go through. The client is made on
+The SDK blocks. Short calls (create, start, kill, remove) run on the runner's own thread
+pool; the calls that may last long (inspecting and pulling the image, waiting for the
+exit, reading the output) get a thread each, so a container never holds the event loop,
+nor the asyncio default executor that the store's writes go through, nor a pool thread
+that another run's kill would wait for. The client is made on
 first use: a server without a Docker engine starts as fast as any other, and its docker
 runs fail with a line naming the engine that could not be reached.
 """
@@ -140,12 +141,12 @@ class DockerRunner:
         deadline = None if ctx.timeout is None else loop.time() + ctx.timeout
         try:
             api = (await self._call(self._connect)).api
-            # A pull may take long: the deadline holds for it too (the engine finishes the
-            # pull on its own, no container exists yet).
-            image = self._submit(self._ensure_image, api, block)
+            # A pull may take long: it gets a thread of its own, and the deadline holds for
+            # it too (the engine finishes a pull on its own; no container exists yet).
+            image = _in_thread(functools.partial(self._ensure_image, api, block),
+                               f"oneoff-docker-image-{ctx.run_id}")
             done, _ = await asyncio.wait([image], timeout=_left(deadline, loop))
             if not done:
-                image.add_done_callback(_consume)
                 return Outcome(OutcomeStatus.TIMED_OUT, error=(
                     f"timed out after {ctx.timeout:g}s while pulling image {block.image}"))
             stop_signal = image.result()
@@ -182,6 +183,7 @@ class DockerRunner:
         self, api: docker.APIClient, block: DockerExecutor, ctx: RunContext, env: dict[str, str]
     ) -> str:
         created = self._submit(self._create_container, api, block, ctx, env)
+        created.add_done_callback(_consume)
         try:
             return await asyncio.shield(created)
         except asyncio.CancelledError:
