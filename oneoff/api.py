@@ -51,7 +51,7 @@ from oneoff.loader import load_documents, load_text
 from oneoff.manifests import API_VERSION, DNS_LABEL, OverlapPolicy
 from oneoff.manifests import Scope as KeyScope
 from oneoff.plan import plan_document
-from oneoff.reconciler import Reconciler
+from oneoff.reconciler import Reconciler, collector_paused
 from oneoff.records import (
     ObjectKey,
     RunStatus,
@@ -62,7 +62,14 @@ from oneoff.records import (
     to_document,
 )
 from oneoff.scheduler import Scheduler
-from oneoff.store import EXECUTION_ORDERS, OBJECT_ORDERS, Event, Store, job_status_extra
+from oneoff.store import (
+    EXECUTION_ORDERS,
+    OBJECT_ORDERS,
+    Event,
+    Store,
+    job_status_extra,
+    job_status_extras,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +288,11 @@ def create_app(
 
     def _apply(who: Principal, body: bytes, media: str, origin: str, source: str,
                dry_run: bool, prune: bool, force: bool) -> dict[str, Any]:
+        with collector_paused():  # tens of thousands of short-lived, acyclic values
+            return _apply_paused(who, body, media, origin, source, dry_run, prune, force)
+
+    def _apply_paused(who: Principal, body: bytes, media: str, origin: str, source: str,
+                      dry_run: bool, prune: bool, force: bool) -> dict[str, Any]:
         if media == "application/json":
             try:
                 parsed = json.loads(body)
@@ -316,7 +328,7 @@ def create_app(
         who: Principal, namespace: str | None, job: str | None, status: str | None,
         type_: str | None, since: datetime | None, until: datetime | None, sort: str,
         limit: int, offset: int,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         who.require(KeyScope.READ, namespace)
         statuses = None
         if status:
@@ -343,7 +355,7 @@ def create_app(
         who: Who, job: JobFilter = None, status: ExecStatus = None, type: ExecType = None,
         since: Since = None, until: Until = None, sort: ExecutionSort = "-createdAt",
         limit: Limit = 100, offset: Offset = 0,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Executions across namespaces, newest first."""
         return _list_executions(who, None, job, status, type, since, until, sort, limit,
                                 offset)
@@ -354,7 +366,7 @@ def create_app(
         who: Who, ns: Namespace, job: JobFilter = None, status: ExecStatus = None,
         type: ExecType = None, since: Since = None, until: Until = None,
         sort: ExecutionSort = "-createdAt", limit: Limit = 100, offset: Offset = 0,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Executions of one namespace."""
         return _list_executions(who, ns, job, status, type, since, until, sort, limit, offset)
 
@@ -471,7 +483,7 @@ def create_app(
 
     def _list_objects(who: Principal, kind: KindName, namespace: str | None,
                       selector: str | None, sort: str, limit: int, offset: int
-                      ) -> dict[str, Any]:
+                      ) -> JSONResponse:
         who.require(KeyScope.READ, namespace)
         requirements = None
         if selector:
@@ -483,12 +495,14 @@ def create_app(
         objects, total = store.page_objects(
             kind.kind, namespace=namespace, namespaces=who.namespaces, selector=requirements,
             sort=sort, limit=limit, offset=offset)
-        return _list([_document(store, obj) for obj in objects], total, limit, offset)
+        extras = job_status_extras(store, objects) if kind is KindName.JOBS else {}
+        return _list([_document(store, obj, extras.get(obj.uid)) for obj in objects], total,
+                     limit, offset)
 
     @app.get("/api/v1/{kind}", operation_id="listObjects", tags=["objects"])
     def list_objects(who: Who, kind: KindName, labelSelector: Selector = None,
                      sort: ObjectSort = "namespace", limit: Limit = 100, offset: Offset = 0
-                     ) -> dict[str, Any]:
+                     ) -> JSONResponse:
         """Objects of a kind across namespaces (API keys: metadata only, never secrets)."""
         return _list_objects(who, kind, None, labelSelector, sort, limit, offset)
 
@@ -496,7 +510,7 @@ def create_app(
              tags=["objects"])
     def list_namespaced_objects(who: Who, ns: Namespace, kind: KindName,
                                 labelSelector: Selector = None, sort: ObjectSort = "namespace",
-                                limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+                                limit: Limit = 100, offset: Offset = 0) -> JSONResponse:
         """Objects of a kind in one namespace."""
         return _list_objects(who, kind, ns, labelSelector, sort, limit, offset)
 
@@ -592,18 +606,21 @@ def create_app(
 # --- documents -------------------------------------------------------------------------
 
 
-def _document(store: Store, obj: Stored) -> dict[str, Any]:
+def _document(store: Store, obj: Stored, extra: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
     document = to_document(obj)
     if obj.key.kind == "Job":
-        document["status"].update(job_status_extra(store, obj))
+        document["status"].update(extra if extra is not None else job_status_extra(store, obj))
     elif obj.key.kind == "ApiKey":
         document["spec"].pop("tokenSha256", None)  # never show what a token hashes to
     return document
 
 
-def _list(items: list[dict[str, Any]], total: int, limit: int, offset: int) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": "List", "items": items, "total": total,
-            "limit": limit, "offset": offset}
+def _list(items: list[dict[str, Any]], total: int, limit: int, offset: int) -> JSONResponse:
+    """A page as a Kubernetes-style List (rendered directly: FastAPI's generic encoder
+    would walk every value of every item again)."""
+    return JSONResponse({"apiVersion": API_VERSION, "kind": "List", "items": items,
+                         "total": total, "limit": limit, "offset": offset})
 
 
 def _event_json(event: Event) -> dict[str, Any]:

@@ -250,8 +250,26 @@ def parse_file(path: str, data: bytes, *, lists: bool = False) -> FileResult:
             issues=(Issue(path, f"not UTF-8 text (byte 0x{data[exc.start]:02x})", line=line),),
             failed=True,
         )
+    objects: list[Desired] = []
+    issues: list[Issue] = []
+    failed_keys: set[ObjectKey] = set()
+    failed = False
+    # Each document is validated as soon as it is composed and its node tree dropped:
+    # holding the trees of a long stream (10,000 documents sent to the API) made parsing
+    # several times slower. A syntax error anywhere still fails the whole file.
     try:
-        nodes = list(_compose_all(text))
+        for node, document in _documents(_compose_all(text), lists):
+            if document is None:
+                continue
+            desired, doc_issues, key = _validate_document(path, node, document)
+            if desired is not None:
+                objects.append(desired)
+                continue
+            issues.extend(doc_issues)
+            if key is None:
+                failed = True  # we cannot tell which object this was: keep all of the file's
+            else:
+                failed_keys.add(key)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
@@ -277,31 +295,18 @@ def parse_file(path: str, data: bytes, *, lists: bool = False) -> FileResult:
     except (yaml.YAMLError, RecursionError) as exc:
         return FileResult(path, sha, issues=(Issue(path, f"YAML: {exc}"),), failed=True)
 
-    objects: list[Desired] = []
-    issues: list[Issue] = []
-    failed_keys: set[ObjectKey] = set()
-    failed = False
-    if lists:
-        nodes = [
-            pair
-            for node, document in nodes
-            for pair in (zip(node.value, document, strict=True)
-                         if isinstance(document, list) and isinstance(node, yaml.SequenceNode)
-                         else [(node, document)])
-        ]
-    for node, document in nodes:
-        if document is None:
-            continue
-        desired, doc_issues, key = _validate_document(path, node, document)
-        if desired is not None:
-            objects.append(desired)
-            continue
-        issues.extend(doc_issues)
-        if key is None:
-            failed = True  # we cannot tell which object this was: keep all of the file's
-        else:
-            failed_keys.add(key)
     return FileResult(path, sha, tuple(objects), tuple(issues), frozenset(failed_keys), failed)
+
+
+def _documents(
+    composed: Iterator[tuple[yaml.Node, Any]], lists: bool
+) -> Iterator[tuple[yaml.Node, Any]]:
+    """The documents of a stream; with ``lists``, a document that is a list is its items."""
+    for node, document in composed:
+        if lists and isinstance(document, list) and isinstance(node, yaml.SequenceNode):
+            yield from zip(node.value, document, strict=True)
+        else:
+            yield node, document
 
 
 ALIAS_EXPANSION_LIMIT = 10_000
@@ -313,6 +318,7 @@ def _compose_all(text: str) -> Iterator[tuple[yaml.Node, Any]]:
     """Each document's node tree (positions) with its constructed value."""
     loader = _ManifestLoader(text)
     may_alias = "&" in text  # no anchor, no alias: nothing can expand
+    general = may_alias or "<<" in text  # once per text, not per document
     try:
         while loader.check_node():
             node = loader.get_node()
@@ -324,11 +330,15 @@ def _compose_all(text: str) -> Iterator[tuple[yaml.Node, Any]]:
                     "values; refused (write the values out, or use fewer nested aliases)",
                     problem_mark=node.start_mark,
                 )
-            if may_alias or "<<" in text:
+            if general:
                 # anchors and merge keys: PyYAML's own constructor handles their semantics
                 yield node, loader.construct_document(node)
             else:
-                yield node, _plain_value(node, loader)
+                value = _plain_value(node, loader)
+                # what construct_document would do: forget this document's nodes, or the
+                # loader keeps every node of a long stream alive
+                loader.constructed_objects.clear()
+                yield node, value
     finally:
         loader.dispose()
 

@@ -114,7 +114,7 @@ class Reconciler:
         that did not change; a full pass (start, resync) hashes every file.
         """
         started = time.perf_counter()
-        with _collector_paused():
+        with collector_paused():
             if not os.path.isdir(source.root):
                 what = "is not a directory" if os.path.exists(source.root) else "does not exist"
                 issue = Issue(source.root, f"manifest directory {what}; its objects are kept")
@@ -376,7 +376,7 @@ class Reconciler:
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector for one pass.
 
     A pass allocates tens of thousands of small, acyclic objects; measured on a

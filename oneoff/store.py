@@ -163,8 +163,12 @@ class Store:
         """Objects matching the filters; ``with_status=False`` skips decoding each status
         (the reconciler's plan never reads it, and 10,000 decodes are most of a pass)."""
         params = {"kind": kind, "namespace": namespace, "source": source, "name": name}
+        # a query per leading filter, so the index on it is used (an "IS NULL OR" term
+        # would make SQLite scan every object)
+        query = ("select_objects_of_source" if source is not None else
+                 "select_objects_of_kind" if kind is not None else "select_objects")
         with self._lock:
-            rows = self._run("select_objects", params).fetchall()
+            rows = self._run(query, params).fetchall()
         return [_stored(row, with_status) for row in rows]
 
     def objects_revision(self) -> int:
@@ -235,42 +239,46 @@ class Store:
             "selector": None if selector is None else json.dumps(selector),
             "limit": limit, "offset": offset,
         }
-        rows = self._run_ordered("page_objects", OBJECT_ORDERS[sort], params)
-        total = rows[0][-1] if rows else self._count_beyond("page_objects", params, offset)
-        return [_stored(row[:-1]) for row in rows], total
+        rows, total = self._page("objects", OBJECT_ORDERS[sort], params)
+        return [_stored(row) for row in rows], total
 
     def page_executions(
         self, *, namespace: str | None = None, namespaces: Iterable[str] | None = None,
         job: str | None = None, statuses: Iterable[str] | None = None,
         type_: str | None = None, since: str | None = None, until: str | None = None,
-        sort: str = "-createdAt", limit: int = 100, offset: int = 0,
+        sort: str = "-createdAt", limit: int = 100, offset: int = 0, count: bool = True,
     ) -> tuple[list[Execution], int]:
         """One page of executions and the number of all matches (``sort`` from
-        EXECUTION_ORDERS)."""
+        EXECUTION_ORDERS; ``count=False`` skips counting and returns -1)."""
         params = {
             "namespace": namespace,
             "namespaces": None if namespaces is None else json.dumps(list(namespaces)),
             "name": job, "statuses": None if statuses is None else json.dumps(list(statuses)),
             "type": type_, "since": since, "until": until, "limit": limit, "offset": offset,
         }
-        rows = self._run_ordered("page_executions", EXECUTION_ORDERS[sort], params)
-        total = rows[0][-1] if rows else self._count_beyond("page_executions", params, offset)
-        return [_execution(row[:-1]) for row in rows], total
+        rows, total = self._page("executions", EXECUTION_ORDERS[sort], params, count)
+        return [_execution(row) for row in rows], total
 
-    def _run_ordered(self, query: str, order: str, params: Mapping[str, Any]) -> list[Any]:
-        text = self._queries[query].replace("{order}", order)
+    def _page(self, table: str, order: str, params: dict[str, Any], count: bool = True
+              ) -> tuple[list[Any], int]:
+        """Rows of ``page_<table>`` and ``count_<table>`` with the filters that are set."""
+        where = " AND ".join(fragment for name, fragment in PAGE_FILTERS[table].items()
+                             if name == "*" or params.get(name) is not None) or "1"
+        used = {k: v for k, v in params.items() if v is not None}
         try:
             with self._lock:
-                return self._db.execute(text, params).fetchall()
+                rows = self._db.execute(
+                    self._queries[f"page_{table}"].format(where=where, order=order), used
+                ).fetchall()
+                total = -1
+                if count:
+                    counted = {k: v for k, v in used.items() if k not in ("limit", "offset")}
+                    (total,) = self._db.execute(
+                        self._queries[f"count_{table}"].format(where=where), counted
+                    ).fetchone()
         except sqlite3.Error as exc:
-            raise StoreError(f"state file {self.path}: {query} failed: {exc}") from exc
-
-    def _count_beyond(self, query: str, params: dict[str, Any], offset: int) -> int:
-        """The total when a page came back empty: only past the end can there be more."""
-        if offset == 0:
-            return 0
-        rows = self._run_ordered(query, "1", {**params, "limit": 1, "offset": 0})
-        return int(rows[0][-1]) if rows else 0
+            raise StoreError(f"state file {self.path}: page_{table} failed: {exc}") from exc
+        return rows, int(total)
 
     def events_for(self, after: int, namespaces: Iterable[str] | None = None,
                    limit: int = 500) -> list[Event]:
@@ -616,6 +624,28 @@ class Transaction:
         return runs, events
 
 
+def job_status_extras(store: Store, jobs: Iterable[Stored]) -> dict[str, dict[str, Any]]:
+    """``job_status_extra`` of many jobs in one query (a page of the API), by uid."""
+    with store._lock:
+        rows = store._run("job_run_summaries",
+                          {"uids": json.dumps([job.uid for job in jobs])}).fetchall()
+    return {uid: _status_extra(first_seen, last, upcoming)
+            for uid, last, upcoming, first_seen in rows}
+
+
+def _status_extra(first_seen: str | None, last: str | None, upcoming: str | None
+                  ) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if first_seen is not None:
+        extra["firstSeenAt"] = first_seen
+    if last:
+        run_id, status, finished = [*last.split(" "), "", ""][:3]
+        extra["lastRun"] = {"id": run_id, "status": status, "finishedAt": finished}
+    if upcoming:
+        extra["nextRunAt"] = upcoming
+    return extra
+
+
 def job_status_extra(store: Store, job: Stored) -> dict[str, Any]:
     """When the scheduler first saw a job, its last and next run (``describe``, ``get -o``)."""
     last, upcoming = store.job_run_summary(job.uid)
@@ -705,6 +735,40 @@ class Dispatch:
     job: Stored
     spec: JobSpec
 
+
+PAGE_FILTERS: dict[str, dict[str, str]] = {
+    "objects": {
+        "kind": "o.kind = :kind",
+        "namespace": "o.namespace = :namespace",
+        "namespaces": "o.namespace IN (SELECT value FROM json_each(:namespaces))",
+        "selector": """NOT EXISTS (
+            SELECT 1 FROM json_each(:selector) AS r
+            WHERE NOT (CASE json_extract(r.value, '$.op')
+              WHEN '=' THEN coalesce((SELECT l.value FROM json_each(o.meta, '$[0]') AS l
+                                      WHERE l.key = json_extract(r.value, '$.key'))
+                                     = json_extract(r.value, '$.value'), 0)
+              WHEN '!=' THEN coalesce((SELECT l.value FROM json_each(o.meta, '$[0]') AS l
+                                       WHERE l.key = json_extract(r.value, '$.key'))
+                                      != json_extract(r.value, '$.value'), 1)
+              WHEN 'exists' THEN EXISTS (SELECT 1 FROM json_each(o.meta, '$[0]') AS l
+                                         WHERE l.key = json_extract(r.value, '$.key'))
+              ELSE NOT EXISTS (SELECT 1 FROM json_each(o.meta, '$[0]') AS l
+                               WHERE l.key = json_extract(r.value, '$.key'))
+            END))""",
+    },
+    "executions": {
+        "namespace": "namespace = :namespace",
+        "namespaces": "namespace IN (SELECT value FROM json_each(:namespaces))",
+        "name": "name = :name",
+        "statuses": "status IN (SELECT value FROM json_each(:statuses))",
+        "type": "type = :type",
+        "since": "scheduled_at >= :since",
+        "until": "scheduled_at < :until",
+    },
+}
+"""The WHERE fragments of the paged reads, used when their parameter is set. A label
+selector is JSON ``[{"key", "op" (=, !=, exists, !exists), "value"}]``, checked with
+``json_each`` over the labels, so any label key is safe."""
 
 OBJECT_ORDERS = {
     "namespace": "namespace, name",

@@ -21,6 +21,26 @@ WHERE (:kind IS NULL OR kind = :kind)
   AND (:name IS NULL OR name = :name)
 ORDER BY kind, namespace, name;
 
+-- name: select_objects_of_kind
+SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
+       created_at, updated_at, status
+FROM objects
+WHERE kind = :kind
+  AND (:namespace IS NULL OR namespace = :namespace)
+  AND (:source IS NULL OR source = :source)
+  AND (:name IS NULL OR name = :name)
+ORDER BY kind, namespace, name;
+
+-- name: select_objects_of_source
+SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
+       created_at, updated_at, status
+FROM objects
+WHERE source = :source
+  AND (:kind IS NULL OR kind = :kind)
+  AND (:namespace IS NULL OR namespace = :namespace)
+  AND (:name IS NULL OR name = :name)
+ORDER BY kind, namespace, name;
+
 -- name: insert_object
 INSERT INTO objects (uid, kind, namespace, name, generation, spec, meta, spec_digest, source,
                      file, line, created_at, updated_at, status)
@@ -182,6 +202,14 @@ SELECT
      WHERE job_uid = :job_uid AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1),
   (SELECT MIN(due_at) FROM executions WHERE job_uid = :job_uid AND status = 'pending');
 
+-- name: job_run_summaries
+SELECT j.value,
+  (SELECT id || ' ' || status || ' ' || COALESCE(finished_at, '') FROM executions
+     WHERE job_uid = j.value AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1),
+  (SELECT MIN(due_at) FROM executions WHERE job_uid = j.value AND status = 'pending'),
+  (SELECT first_seen_at FROM job_state WHERE job_uid = j.value)
+FROM json_each(:uids) AS j;
+
 -- name: purge_history
 DELETE FROM executions
 WHERE finished_at IS NOT NULL
@@ -250,49 +278,32 @@ JOIN objects o ON o.kind = json_extract(k.value, '$[0]')
               AND o.name = json_extract(k.value, '$[2]');
 
 -- --- API reads: filtered, sorted, paged ---------------------------------------------
--- {order} is replaced by one entry of an allow-list in store.py (never by request text).
--- :namespaces and :selector are JSON (or NULL): the namespaces a key may see, and the
--- label selector as [{"key", "op" (=, !=, exists, !exists), "value"}].
+-- {where} and {order} are replaced by fixed fragments chosen in store.py (PAGE_FILTERS,
+-- OBJECT_ORDERS, EXECUTION_ORDERS), never by request text; the values are parameters.
+-- The page is chosen on narrow rows (uid or seq and the sort columns), then read whole.
 
 -- name: page_objects
 SELECT uid, kind, namespace, name, generation, spec, meta, spec_digest, source, file, line,
-       created_at, updated_at, status, COUNT(*) OVER () AS total
-FROM objects AS o
-WHERE kind = :kind
-  AND (:namespace IS NULL OR namespace = :namespace)
-  AND (:namespaces IS NULL OR namespace IN (SELECT value FROM json_each(:namespaces)))
-  AND (:selector IS NULL OR NOT EXISTS (
-        SELECT 1 FROM json_each(:selector) AS r
-        WHERE NOT (
-          CASE json_extract(r.value, '$.op')
-            WHEN '=' THEN coalesce((SELECT l.value FROM json_each(o.meta, '$[0]') AS l
-                                    WHERE l.key = json_extract(r.value, '$.key'))
-                                   = json_extract(r.value, '$.value'), 0)
-            WHEN '!=' THEN coalesce((SELECT l.value FROM json_each(o.meta, '$[0]') AS l
-                                     WHERE l.key = json_extract(r.value, '$.key'))
-                                    != json_extract(r.value, '$.value'), 1)
-            WHEN 'exists' THEN EXISTS (SELECT 1 FROM json_each(o.meta, '$[0]') AS l
-                                       WHERE l.key = json_extract(r.value, '$.key'))
-            ELSE NOT EXISTS (SELECT 1 FROM json_each(o.meta, '$[0]') AS l
-                             WHERE l.key = json_extract(r.value, '$.key'))
-          END)))
-ORDER BY {order}
-LIMIT :limit OFFSET :offset;
+       created_at, updated_at, status
+FROM objects
+WHERE uid IN (SELECT uid FROM objects AS o WHERE {where} ORDER BY {order}
+              LIMIT :limit OFFSET :offset)
+ORDER BY {order};
+
+-- name: count_objects
+SELECT COUNT(*) FROM objects AS o WHERE {where};
 
 -- name: page_executions
 SELECT seq, id, job_uid, namespace, name, type, scheduled_at, due_at, priority, status, reason,
        attempt, generation, created_at, started_at, finished_at, exit_code, http_status, error,
-       truncated, COUNT(*) OVER () AS total
+       truncated
 FROM executions
-WHERE (:namespace IS NULL OR namespace = :namespace)
-  AND (:namespaces IS NULL OR namespace IN (SELECT value FROM json_each(:namespaces)))
-  AND (:name IS NULL OR name = :name)
-  AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
-  AND (:type IS NULL OR type = :type)
-  AND (:since IS NULL OR scheduled_at >= :since)
-  AND (:until IS NULL OR scheduled_at < :until)
-ORDER BY {order}
-LIMIT :limit OFFSET :offset;
+WHERE seq IN (SELECT seq FROM executions WHERE {where} ORDER BY {order}
+              LIMIT :limit OFFSET :offset)
+ORDER BY {order};
+
+-- name: count_executions
+SELECT COUNT(*) FROM executions WHERE {where};
 
 -- name: select_events_filtered
 SELECT seq, at, type, kind, namespace, name, uid, data
