@@ -44,6 +44,7 @@ from oneoff.client import (
     StateReader,
     client_config,
     list_document,
+    listening,
 )
 from oneoff.errors import (
     ApplyConflict,
@@ -169,10 +170,13 @@ def open_reader(state: str | None, server: str | None, api_key: str | None) -> R
     if state:
         return StateReader(state)
     config = client_config(server, api_key)
-    client = ApiClient(config)
-    if config.explicit or client.probe():
-        return client
-    client.close()
+    if config.explicit:
+        return ApiClient(config)
+    if listening(config.server):
+        client = ApiClient(config)
+        if client.probe():
+            return client
+        client.close()
     if os.path.exists(LOCAL_STATE):
         click.echo(f"(no OneOff server answers at {config.server}: reading {LOCAL_STATE})",
                    err=True)
@@ -717,6 +721,8 @@ def _follow(reader: Reader, run_id: str, show_output: bool, poll: float = 0.25
 
     if not show_output:
         with progress(f"waiting for run {run_id}") as say:
+            if isinstance(reader, ApiClient):
+                return _await_events(reader, run_id, say)
             while (doc := reader.execution(run_id))["status"]["phase"] not in FINAL:
                 say(f"run {run_id} is {doc['status']['phase']}")
                 time.sleep(poll)
@@ -733,6 +739,27 @@ def _follow(reader: Reader, run_id: str, show_output: bool, poll: float = 0.25
         if doc["status"]["phase"] in FINAL:
             return doc
         time.sleep(poll)
+
+
+def _await_events(client: ApiClient, run_id: str, say: Callable[[str], None]
+                  ) -> dict[str, Any]:
+    """Wait on the event stream (no polling) for the run's final status."""
+    doc = client.execution(run_id)
+    params = {"types": "execution.", "namespace": doc["metadata"]["namespace"],
+              "job": doc["spec"]["job"]}
+    with client.events(params) as events:
+        doc = client.execution(run_id)  # what happened before the stream was there
+        if doc["status"]["phase"] in FINAL:
+            return doc
+        for event in events:
+            if event.get("data", {}).get("run") != run_id:
+                continue
+            now = str(event["type"]).removeprefix("execution.")
+            say(f"run {run_id} is {now}")
+            if now in FINAL:
+                return client.execution(run_id)
+    raise Unreachable(f"{client.where} closed the event stream before run {run_id} finished; "
+                      f"see 'oneoff get executions {run_id}'")
 
 
 @cli.command()

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
-import httpx
 import yaml
 
 from oneoff.errors import (
@@ -55,6 +56,9 @@ from oneoff.records import (
     to_document,
 )
 from oneoff.store import Store, job_status_extra
+
+if TYPE_CHECKING:  # imported where used: the CLI's start-up is also shell completion's
+    import httpx
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 CONFIG_KEYS = {"server", "apiKey"}
@@ -81,6 +85,18 @@ class ClientConfig:
     @property
     def explicit(self) -> bool:
         return self.server_from != "default"
+
+
+def listening(url: str, timeout: float = 1.0) -> bool:
+    """Whether anything accepts TCP connections at the URL's host and port (cheaper than
+    a request when, as usual for the default address, nothing does)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def default_config_path(env: Mapping[str, str]) -> str:
@@ -242,6 +258,8 @@ class ApiClient:
     def __init__(self, config: ClientConfig, timeout: float = 30.0) -> None:
         self.config = config
         self.where = config.server
+        import httpx
+
         headers = {"User-Agent": "oneoff-cli", "Accept": "application/json"}
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
@@ -257,6 +275,8 @@ class ApiClient:
                 body: Any = None, content: str | None = None,
                 headers: Mapping[str, str] | None = None) -> httpx.Response:
         """Send one request; any answer that is not 2xx is raised as its OneOffError."""
+        import httpx
+
         try:
             response = self.http.request(
                 method, path, params=_params(params), json=body,
@@ -279,6 +299,8 @@ class ApiClient:
     def stream(self, path: str, params: Mapping[str, Any] | None = None,
                headers: Mapping[str, str] | None = None) -> Iterator[Iterator[str]]:
         """A streamed GET; yields the body's text as it arrives (no read timeout)."""
+        import httpx
+
         try:
             with self.http.stream("GET", path, params=_params(params), headers=headers,
                                   timeout=httpx.Timeout(None, connect=5.0)) as response:
@@ -290,12 +312,16 @@ class ApiClient:
             raise self.unreachable(exc) from None
 
     def _guard(self, chunks: Iterator[str]) -> Iterator[str]:
+        import httpx
+
         try:
             yield from chunks
         except httpx.HTTPError as exc:
             raise self.unreachable(exc) from None
 
     def unreachable(self, exc: httpx.HTTPError) -> Unreachable:
+        import httpx
+
         reason = str(exc) or type(exc).__name__
         if "Connection refused" in reason:
             reason = "connection refused"
@@ -307,6 +333,8 @@ class ApiClient:
 
     def probe(self) -> bool:
         """Whether a OneOff server answers at the URL (``/healthz``), without raising."""
+        import httpx
+
         try:
             response = self.http.get("/healthz", timeout=2.0)
         except httpx.HTTPError:
@@ -362,21 +390,12 @@ class ApiClient:
         body: dict[str, Any] = self.json("GET", "/api/v1/whoami")
         return body
 
-    def events(self, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-        """The SSE stream as event payloads, for as long as the caller keeps reading."""
+    @contextmanager
+    def events(self, params: Mapping[str, Any]) -> Iterator[Iterator[dict[str, Any]]]:
+        """The SSE stream (``/api/v1/events``), connected on entry: every event after
+        that moment, as its payload, for as long as the caller keeps reading."""
         with self.stream("/api/v1/events", params, {"Accept": "text/event-stream"}) as chunks:
-            data: list[str] = []
-            buffer = ""
-            for chunk in chunks:
-                buffer += chunk
-                *lines, buffer = buffer.split("\n")
-                for line in lines:
-                    line = line.rstrip("\r")
-                    if line.startswith("data:"):
-                        data.append(line[5:].removeprefix(" "))
-                    elif not line and data:
-                        yield json.loads("\n".join(data))
-                        data = []
+            yield _sse_payloads(chunks)
 
     # --- actions -------------------------------------------------------------------
 
@@ -419,6 +438,23 @@ class ApiClient:
                 [bundle.issue(issue) for issue in exc.issues]) from None
         result["plan"] = bundle.plan(result["plan"])
         return result
+
+
+def _sse_payloads(chunks: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Server-Sent Events text → the JSON of each event's ``data`` (comments and pings
+    are skipped)."""
+    data: list[str] = []
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            line = line.rstrip("\r")
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+            elif not line and data:
+                yield json.loads("\n".join(data))
+                data = []
 
 
 def _params(params: Mapping[str, Any] | None) -> dict[str, str] | None:

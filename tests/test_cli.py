@@ -146,3 +146,16 @@ def test_schema_prints_every_kind(tmp_path: Path) -> None:
                                               "apikey.json"}
     job = json.loads(oneoff(tmp_path, "schema", "job").stdout)
     assert job["properties"]["kind"]["const"] == "Job"
+
+
+def test_shell_completion_knows_the_verbs_and_their_choices(tmp_path: Path) -> None:
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_ONEOFF_COMPLETE": "bash_complete", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+        result = subprocess.run([ONEOFF], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=60)
+        return result.stdout.splitlines()
+
+    assert "plain,create" in complete("oneoff keys c")
+    assert {"plain,apply", "plain,run", "plain,cancel", "plain,logs"} <= set(complete("oneoff "))
+    assert complete("oneoff get jobs -o ") == ["plain,table", "plain,json", "plain,yaml"]
