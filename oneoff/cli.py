@@ -827,22 +827,28 @@ def run(job: str, namespace: str, wait: bool, follow: bool, output: str, server:
 @click.option("--job", default=None, help="Cancel every active run of this job instead.")
 @click.option("-n", "--namespace", default="default", show_default=True,
               help="Namespace of --job.")
+@output_option
 @server_options
-def cancel(run_id: str | None, job: str | None, namespace: str, server: str | None,
-           api_key: str | None) -> int:
+def cancel(run_id: str | None, job: str | None, namespace: str, output: str,
+           server: str | None, api_key: str | None) -> int:
     """Cancel RUN_ID (pending, queued or running), or all active runs of --job."""
     if (run_id is None) == (job is None):
         raise UsageError("give either RUN_ID or --job NAME")
     with closing(open_client(server, api_key)) as client:
         if job is not None:
             cancelled = client.cancel_job(namespace, job)
-            if not cancelled:
+            if output != "table":
+                click.echo(dump({"cancelled": cancelled}, output), nl=False)
+            elif not cancelled:
                 click.echo(f"Job {namespace}/{job} has no active runs; nothing to cancel")
-            for cancelled_id in cancelled:
-                click.echo(f"run {cancelled_id} cancelled")
+            else:
+                click.echo("".join(f"run {run} cancelled\n" for run in cancelled), nl=False)
             return EXIT_OK
         assert run_id is not None
         doc = client.cancel_run(run_id)
+    if output != "table":
+        click.echo(dump(doc, output), nl=False)
+        return EXIT_OK
     phase = doc["status"]["phase"]
     click.echo(f"run {run_id} cancelled" if phase == RunStatus.CANCELLED
                else f"run {run_id}: cancel requested (it is {phase})")
@@ -853,16 +859,18 @@ def cancel(run_id: str | None, job: str | None, namespace: str, server: str | No
 @click.argument("kind")
 @click.argument("name")
 @click.option("-n", "--namespace", default="default", show_default=True)
+@output_option
 @server_options
-def delete(kind: str, name: str, namespace: str, server: str | None, api_key: str | None
-           ) -> int:
+def delete(kind: str, name: str, namespace: str, output: str, server: str | None,
+           api_key: str | None) -> int:
     """Delete an object the API created (a directory's objects are deleted from git)."""
     resolved = _kind(kind)
     if resolved not in KINDS:
         raise UsageError(f"cannot delete {kind!r}; use one of jobs, chains, webhooks, apikeys")
     with closing(open_client(server, api_key)) as client:
-        client.delete(resolved, namespace, name)
-    click.echo(f"{resolved} {namespace}/{name} deleted")
+        deleted = client.delete(resolved, namespace, name)
+    click.echo(dump(deleted, output) if output != "table"
+               else f"{resolved} {namespace}/{name} deleted\n", nl=False)
     return EXIT_OK
 
 

@@ -239,7 +239,11 @@ def test_objects_the_cli_applied_can_be_deleted_and_pruned(
 ) -> None:
     url = serve().url
     (laptop / "jobs.yaml").write_text(job_yaml("one") + "---\n" + job_yaml("two"))
-    assert cli(laptop, "apply", "-f", "jobs.yaml", server=url).returncode == 0
+    (laptop / "more.yaml").write_text(job_yaml("three"))
+    assert cli(laptop, "apply", "-f", "jobs.yaml", "-f", "more.yaml", server=url
+               ).returncode == 0
+    deleted = cli(laptop, "delete", "job", "three", "-o", "json", server=url)
+    assert json.loads(deleted.stdout)["metadata"]["name"] == "three"
 
     (laptop / "jobs.yaml").write_text(job_yaml("one"))
     kept = cli(laptop, "apply", "-f", "jobs.yaml", "--dry-run", "--prune", server=url)
