@@ -527,12 +527,16 @@ def job_manifest(name: str, docker_block: str, extra: str = "") -> str:
 
 def executions(server: Server) -> dict[str, dict[str, Any]]:
     """The newest execution of each job."""
-    result = server.oneoff("get", "executions", "-A", "-o", "json")
+    result = server.oneoff("get", "executions", "-A", "-o", "json", "--server", server.url)
     assert result.returncode == 0, result.stderr
     newest: dict[str, dict[str, Any]] = {}
     for item in json.loads(result.stdout)["items"]:
         newest.setdefault(item["spec"]["job"], item)
     return newest
+
+
+def logs(server: Server, job: str) -> str:
+    return server.oneoff("logs", job, "--server", server.url).stdout
 
 
 def phase(server: Server, job: str) -> str | None:
@@ -558,8 +562,8 @@ def test_docker_job_from_jobs_d_runs_and_oneoff_logs_shows_its_output(
     report = executions(server)["report"]
     assert report["status"]["exitCode"] == 4
     assert report["status"]["error"] == "exit code 4"
-    assert server.oneoff("logs", "report").stdout == "report for report\nwarning\n"
-    assert server.oneoff("logs", "ok").stdout == "fine\n"
+    assert logs(server, "report") == "report for report\nwarning\n"
+    assert logs(server, "ok") == "fine\n"
     assert containers_of(engine, report["metadata"]["name"]) == []
 
 
@@ -577,6 +581,30 @@ def test_server_without_an_engine_starts_and_fails_docker_runs_clearly(
     wait_until(lambda: phase(server, "report") == "failed", timeout=30)
     assert executions(server)["report"]["status"]["error"] == (
         f"cannot reach the Docker engine at {missing}: No such file or directory")
+
+
+def test_oneoff_cancel_of_a_long_container_run_leaves_no_container(
+    tmp_path: Path, serve: Callable[..., Server], engine: docker.DockerClient, image: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ONEOFF_KILL_GRACE_SECONDS", "0.5")
+    jobs = tmp_path / "jobs.d"
+    jobs.mkdir()
+    (jobs / "long.yaml").write_text(job_manifest("long", (
+        f"    image: {image}\n    command: [sh, -c, 'echo started; sleep 300']\n")))
+    server = serve()
+    wait_until(lambda: phase(server, "long") == "running", timeout=20)
+    run_id = executions(server)["long"]["metadata"]["name"]
+    wait_until(lambda: [c.status for c in containers_of(engine, run_id)] == ["running"],
+               timeout=10)
+    time.sleep(0.3)  # let the first line reach the output stream
+
+    cancelled = server.oneoff("cancel", run_id, "--server", server.url)
+
+    assert cancelled.returncode == 0, cancelled.stderr
+    wait_until(lambda: phase(server, "long") == "cancelled", timeout=15)
+    assert containers_of(engine, run_id) == []  # docker ps -a: nothing left
+    assert logs(server, "long") == "started\n"
 
 
 @pytest.mark.slow
