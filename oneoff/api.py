@@ -450,8 +450,8 @@ def create_app(
         """Run the job now (an ad-hoc run); its overlapPolicy decides beside active runs."""
         job = _job(who, ns, name, KeyScope.RUN)
         policy = job.spec.get("overlapPolicy", OverlapPolicy.SKIP.value)
-        active, _ = store.page_executions(namespace=ns, job=name,
-                                          statuses=["queued", "running"], limit=10)
+        active, _ = store.page_executions(namespace=ns, job=name, statuses=["queued", "running"],
+                                          limit=10, count=False)
         active = [run for run in active if run.job_uid == job.uid]
         if active and policy == OverlapPolicy.SKIP.value:
             raise Conflict(f"run {active[0].id} of Job {ns}/{name} is still "
@@ -473,7 +473,8 @@ def create_app(
         """Cancel every pending, queued and running run of the job."""
         job = _job(who, ns, name, KeyScope.CANCEL)
         runs, _ = store.page_executions(namespace=ns, job=name,
-                                        statuses=["pending", "queued", "running"], limit=1000)
+                                        statuses=["pending", "queued", "running"], limit=1000,
+                                        count=False)
         cancelled = [run.id for run in runs if run.job_uid == job.uid
                      and scheduler.cancel(run.id)]
         _audit(who, "cancel", f"Job {ns}/{name}", runs=cancelled)

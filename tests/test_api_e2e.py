@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import Server, start_server, wait_until
+
 from oneoff.executors.processes import processes_of_runs
 
 pytestmark = pytest.mark.slow
@@ -60,11 +60,9 @@ def test_following_output_shows_it_while_the_run_is_active(client: httpx.Client)
     run_id = client.post("/api/v1/namespaces/default/jobs/slow-echo/run").json()["metadata"][
         "name"]
     wait_until(lambda: phase(client, run_id) == "running")
-    pieces: list[tuple[str, str]] = []
     with client.stream("GET", f"/api/v1/executions/{run_id}/output",
                        params={"follow": "true"}) as response:
-        for piece in response.iter_text():
-            pieces.append((piece, phase(client, run_id)))
+        pieces = [(piece, phase(client, run_id)) for piece in response.iter_text()]
     assert "".join(piece for piece, _ in pieces) == "first\nsecond\n"
     assert pieces[0] == ("first\n", "running")  # seen before the run ended
 
