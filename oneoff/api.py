@@ -311,7 +311,7 @@ def create_app(
             who.require(KeyScope.ADMIN if obj.key.kind == "ApiKey" else KeyScope.WRITE,
                         obj.key.namespace)
         report = reconciler.apply_request(source, result, prune=prune, force=force,
-                                          dry_run=dry_run)
+                                          dry_run=dry_run, background=True)
         assert report.plan is not None
         planned = plan_document(report.plan)
         document = {"dryRun": dry_run, "applied": report.applied, "plan": planned}

@@ -15,6 +15,7 @@ into one more pass. A periodic resync repairs anything a watcher missed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import gc
@@ -101,6 +102,7 @@ class Reconciler:
         self.resync_seconds = resync_seconds
         self.clock = clock
         self.on_applied = on_applied
+        self._follow_ups: concurrent.futures.ThreadPoolExecutor | None = None
         self._owned_cache: dict[str, tuple[int, list[Stored]]] = {}
         self.synced = asyncio.Event()
         """Set once every source has been reconciled at least once."""
@@ -227,13 +229,18 @@ class Reconciler:
 
     def apply_request(
         self, source: str, result: LoadResult, *, prune: bool = False, force: bool = False,
-        dry_run: bool = False,
+        dry_run: bool = False, background: bool = False,
     ) -> Report:
         """Plan (and unless ``dry_run``, apply) objects sent through the API as ``source``.
 
         Unlike a directory, a request is all or nothing: with any issue (a document that
         fails validation, an object another source owns) or a refused prune, nothing is
         written. The API turns that into a 422 or 409. Blocking.
+
+        ``background``: return once the objects are committed and let ``on_applied`` (the
+        scheduler creating the jobs' runs) follow on a thread of its own. Nothing is lost
+        if the server stops in between: on start the scheduler syncs every job whose
+        generation it has not seen yet.
         """
         started = time.perf_counter()
         owned = self.store.objects(source=source, with_status=False) if prune else []
@@ -253,9 +260,27 @@ class Reconciler:
                         the_plan.refused or the_plan.summary(), time.perf_counter() - started)
         if applied:
             _log_report(report)
-            if self.on_applied is not None:
+            if self.on_applied is not None and background and the_plan.has_changes:
+                self._after_apply().submit(self._follow_up, report)
+            elif self.on_applied is not None:
                 self.on_applied(report)
         return report
+
+    def _follow_up(self, report: Report) -> None:
+        assert self.on_applied is not None
+        try:
+            self.on_applied(report)
+        except Exception:
+            log.exception("after an apply of %s: creating the runs failed; the next start or "
+                          "resync retries", report.source,
+                          extra={"action": "reconcile", "source": report.source})
+
+    def _after_apply(self) -> concurrent.futures.ThreadPoolExecutor:
+        """One thread, so background follow-ups run in the order their applies did."""
+        if self._follow_ups is None:
+            self._follow_ups = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="oneoff-after-apply")
+        return self._follow_ups
 
     def delete_object(self, stored: Stored) -> Report:
         """Delete one object (``DELETE`` in the API) as its owner would prune it."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import job_yaml
+from conftest import job_yaml, wait_until
 from fastapi.testclient import TestClient
 
 from oneoff.api import create_app
@@ -248,6 +248,14 @@ def test_apply_yaml_dry_run_then_for_real(api: Api) -> None:
     again = api.client.post("/api/v1/apply", params={"fieldManager": "ci"}, content=text,
                             headers={"content-type": "application/yaml"}).json()
     assert again["plan"]["counts"] == {"create": 0, "update": 0, "delete": 0, "unchanged": 2}
+
+
+def test_applied_jobs_get_their_runs(api: Api) -> None:
+    text = "---\n".join(job_yaml(f"r{i}") for i in range(5))
+    response = api.client.post("/api/v1/apply", content=text,
+                               headers={"content-type": "application/yaml"})
+    assert response.status_code == 200
+    wait_until(lambda: api.client.get("/api/v1/executions").json()["total"] == 5)
 
 
 def test_apply_json_list(api: Api) -> None:
