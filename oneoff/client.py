@@ -256,10 +256,10 @@ class ApiClient:
     """A OneOff server's ``/api/v1``; one connection pool for the whole command."""
 
     def __init__(self, config: ClientConfig, timeout: float = 30.0) -> None:
-        self.config = config
-        self.where = config.server
         import httpx
 
+        self.config = config
+        self.where = config.server
         headers = {"User-Agent": "oneoff-cli", "Accept": "application/json"}
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
