@@ -258,6 +258,16 @@ def test_objects_the_cli_applied_can_be_deleted_and_pruned(
     assert json.loads(pruned.stdout)["plan"]["counts"]["delete"] == 1
     assert cli(laptop, "get", "job", "two", server=url).returncode == 1
 
+    # pruning every object of the source looks like an emptied directory: refused
+    (laptop / "other.yaml").write_text(job_yaml("other"))
+    refused = cli(laptop, "apply", "-f", "other.yaml", "--prune", server=url)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "- delete Job default/one" in refused.stdout  # the plan it refused
+    assert "error: refused to prune: api:cli would delete all 1 of its objects" in (
+        refused.stderr)
+    assert cli(laptop, "diff", "-f", "other.yaml", "--prune", server=url).returncode == 2
+    assert cli(laptop, "get", "job", "other", server=url).returncode == 1
+
     deleted = cli(laptop, "delete", "job", "one", server=url)
     assert deleted.returncode == 0 and "Job default/one deleted" in deleted.stdout
     gone = cli(laptop, "get", "job", "one", server=url)
