@@ -445,7 +445,7 @@ def get(
             return EXIT_OK
         if resolved == "Execution":
             return _get_executions(reader, name, job, ns, status, limit, output)
-        documents = reader.objects(resolved, ns, selector, name)
+        documents = reader.objects(resolved, ns, selector, name, runs=output != "table")
     if name is not None and not documents:
         raise NotFound(f"{resolved} {ns or '*'}/{name} not found")
     _print_objects(resolved, documents, output, ns, one=name is not None)

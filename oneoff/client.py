@@ -167,7 +167,10 @@ class Reader(Protocol):
     """What is being read, for messages: the server URL or the state file."""
 
     def objects(self, kind: str, namespace: str | None, selector: str = "",
-                name: str | None = None) -> list[dict[str, Any]]: ...
+                name: str | None = None, runs: bool = True) -> list[dict[str, Any]]:
+        """``runs=False`` lets a reader skip jobs' first-seen, last and next run, which
+        a table does not show (the server always sends them)."""
+        ...
 
     def object(self, kind: str, namespace: str, name: str) -> dict[str, Any]: ...
 
@@ -197,12 +200,12 @@ class StateReader:
         self.store.close()
 
     def objects(self, kind: str, namespace: str | None, selector: str = "",
-                name: str | None = None) -> list[dict[str, Any]]:
+                name: str | None = None, runs: bool = True) -> list[dict[str, Any]]:
         requirements = _selector(selector)
         found = [obj for obj in self.store.objects(kind, namespace, name=name)
                  if selector_matches(requirements, obj.labels)]
         documents = [to_document(obj) for obj in found]
-        if kind == "Job":
+        if kind == "Job" and runs:
             for document, obj in zip(documents, found, strict=True):
                 document["status"].update(job_status_extra(self.store, obj))
         return documents
@@ -355,7 +358,7 @@ class ApiClient:
     # --- reads ---------------------------------------------------------------------
 
     def objects(self, kind: str, namespace: str | None, selector: str = "",
-                name: str | None = None) -> list[dict[str, Any]]:
+                name: str | None = None, runs: bool = True) -> list[dict[str, Any]]:
         _selector(selector)  # the same message as offline for a malformed selector
         if name is not None and namespace is not None:
             try:
