@@ -48,6 +48,7 @@ from oneoff.client import (
 )
 from oneoff.errors import (
     ApplyConflict,
+    Conflict,
     Forbidden,
     Issue,
     ManifestError,
@@ -1005,7 +1006,11 @@ def keys_revoke(name: str, namespace: str, server: str | None, api_key: str | No
 
     A key declared in a manifest is revoked there (``disabled: true``, or remove it)."""
     with closing(open_client(server, api_key)) as client:
-        client.delete("ApiKey", namespace, name)
+        try:
+            client.delete("ApiKey", namespace, name)
+        except Conflict as exc:
+            raise Conflict(f"{exc}; or set 'disabled: true' in its spec to revoke it without "
+                           "deleting it") from None
     click.echo(f"ApiKey {namespace}/{name} revoked")
     return EXIT_OK
 

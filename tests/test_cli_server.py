@@ -383,6 +383,7 @@ def test_keys_created_through_the_api_work_until_revoked(
     assert after.returncode == 3 and "HTTP 401" in after.stderr
     declared = as_admin("keys", "revoke", "admin")
     assert declared.returncode == 1 and "is declared in" in declared.stderr
+    assert "set 'disabled: true' in its spec" in declared.stderr
 
 
 # --- which server, and when the state file answers instead ---------------------------
