@@ -200,7 +200,7 @@ def progress(message: str) -> Iterator[Callable[[str], None]]:
     if not sys.stderr.isatty():
         yield lambda text: None
         return
-    state = {"message": message}
+    state = {"message": message, "drawn": ""}
     done = threading.Event()
 
     def spin() -> None:
@@ -209,6 +209,7 @@ def progress(message: str) -> Iterator[Callable[[str], None]]:
         for frame in itertools.cycle("|/-\\"):
             sys.stderr.write(f"\r\x1b[K{frame} {state['message']}")
             sys.stderr.flush()
+            state["drawn"] = "yes"
             if done.wait(0.1):
                 return
 
@@ -219,8 +220,9 @@ def progress(message: str) -> Iterator[Callable[[str], None]]:
     finally:
         done.set()
         thread.join()
-        sys.stderr.write("\r\x1b[K")
-        sys.stderr.flush()
+        if state["drawn"]:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 # --- validate / apply / diff ---------------------------------------------------------
