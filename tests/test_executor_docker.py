@@ -468,7 +468,7 @@ def test_a_long_container_run_does_not_stall_the_event_loop(image: str) -> None:
 
     assert outcome.output == "done\n"
     gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
-    assert max(gaps) < 0.25  # a blocking SDK call on the loop would stall it for 2 s
+    assert max(gaps) < 0.5  # waiting on the loop for the exit would stall it for 2 s
     assert len(ticks) > 2.0 / 0.01 / 4
 
 
