@@ -5,7 +5,8 @@ in a temp directory with one declared ApiKey (so every request is authenticated)
 
 - ``apply JSON``: one ``POST /api/v1/apply`` of N Jobs as a JSON list (target ≤ 0.5 s for
   10,000), and the same N as multi-document YAML in another namespace (target ≤ 2 s);
-  both include the scheduler creating each job's pending run;
+  the response comes once the objects are stored; the scheduler then creates each job's
+  pending run, and the YAML row also shows when all 2N runs existed;
 - ``create one at a time``: ``POST /api/v1/namespaces/{ns}/jobs`` per job over one
   keep-alive connection (jobs/s; the best peer inserts about 1,750 jobs/s this way);
 - ``list``: ``GET /api/v1/namespaces/json/jobs?limit=100&offset=…`` walking all N jobs,
@@ -125,6 +126,12 @@ def main() -> None:
                                        headers={"content-type": "application/yaml"})
                 results["apply_yaml_s"] = time.perf_counter() - began
                 assert response.status_code == 200, response.text[:500]
+                # the scheduler creates the runs after the response: wait for all of them,
+                # so the next workload does not share the machine with that
+                while client.get("/api/v1/executions", params={"limit": 1}).json()[
+                        "total"] < 2 * args.jobs:
+                    time.sleep(0.05)
+                results["apply_yaml_runs_s"] = time.perf_counter() - began
 
                 began = time.perf_counter()
                 for i in range(args.creates):
@@ -174,7 +181,8 @@ def main() -> None:
     n = f"{args.jobs:,}"
     rows = [
         (f"apply {n} jobs as JSON", f"{results['apply_json_s']:.2f} s", "≤ 0.5 s"),
-        (f"apply {n} jobs as YAML", f"{results['apply_yaml_s']:.2f} s", "≤ 2 s"),
+        (f"apply {n} jobs as YAML", f"{results['apply_yaml_s']:.2f} s "
+         f"(all runs {results['apply_yaml_runs_s']:.2f} s)", "≤ 2 s"),
         ("create one job per request", f"{results['create_per_s']:,.0f} jobs/s",
          "(best peer ~1,750/s)"),
         ("GET 100 jobs of 10,000, p50 / p99 / max",
