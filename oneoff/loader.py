@@ -18,14 +18,15 @@ fails validation names its key when it can, and that object is kept.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import hashlib
 import os
 import re
 import stat
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -753,17 +754,51 @@ def _in_cycles(edges: dict[ObjectKey, list[ObjectKey]]) -> set[ObjectKey]:
 # --- request bodies: documents that did not come from a file ---------------------------
 
 
+FILE_SEPARATOR = re.compile(rb"^--- # file: (.+?)\r?$", re.MULTILINE)
+"""How ``oneoff apply`` joins several files into one request: each file after the first
+starts after a ``--- # file: PATH`` line (a document separator with a comment)."""
+
+
 def load_text(origin: str, data: bytes) -> LoadResult:
-    """Multi-document YAML (or JSON) sent to the API, read like one manifest file."""
+    """Multi-document YAML (or JSON) sent to the API, read like one manifest file.
+
+    Objects and issues are placed in the files the body joins (``FILE_SEPARATOR``):
+    ``manifests/ping.yaml:3``, not a line of the request.
+    """
     file_result = parse_file(origin, data, lists=True)
+    place = _file_places(origin, data)
     result = LoadResult(
-        objects=list(file_result.objects), issues=list(file_result.issues),
+        objects=[replace(obj, file=f, line=n) for obj in file_result.objects
+                 for f, n in [place(obj.line)]],
+        issues=[_placed(issue, place) for issue in file_result.issues],
         failed_keys=set(file_result.failed_keys), files=[origin],
     )
     if file_result.failed:
         result.failed_files.add(origin)
     _drop_duplicates(result)
     return result
+
+
+def _file_places(origin: str, data: bytes) -> Callable[[int], tuple[str, int]]:
+    """Body line → (file, line in that file), from the separators in the body."""
+    starts = [(0, origin)]  # (body line of the file's line 0, file)
+    for match in FILE_SEPARATOR.finditer(data):
+        line = data.count(b"\n", 0, match.start()) + 1
+        starts.append((line, match.group(1).decode("utf-8", errors="replace").strip()))
+    firsts = [line for line, _ in starts]
+
+    def place(line: int) -> tuple[str, int]:
+        start, file = starts[bisect.bisect_left(firsts, line) - 1]
+        return file, line - start
+
+    return place
+
+
+def _placed(issue: Issue, place: Callable[[int], tuple[str, int]]) -> Issue:
+    if issue.line is None:
+        return issue
+    file, line = place(issue.line)
+    return replace(issue, file=file, line=line)
 
 
 def load_documents(documents: list[Any], origin: str) -> LoadResult:

@@ -277,6 +277,21 @@ def test_apply_with_one_bad_document_applies_nothing_and_names_the_line(api: Api
     assert api.store.objects("Job") == []
 
 
+def test_apply_of_joined_files_records_each_file_and_line(api: Api) -> None:
+    text = (job_yaml("first") + "--- # file: manifests/second.yaml\n" + job_yaml("second")
+            + "--- # file: manifests/third.yaml\n"
+            + job_yaml("third").replace("schedule:", "schedul:"))
+    body = problem(api.client.post("/api/v1/apply", content=text, headers={
+        "content-type": "application/yaml", "X-OneOff-File": "manifests/first.yaml"}), 422)
+    assert (body["errors"][0]["file"], body["errors"][0]["line"]) == ("manifests/third.yaml", 6)
+    text = text.replace("schedul:", "schedule:")
+    api.client.post("/api/v1/apply", content=text, headers={
+        "content-type": "application/yaml", "X-OneOff-File": "manifests/first.yaml"})
+    second = api.client.get("/api/v1/namespaces/default/jobs/second").json()
+    assert second["status"]["source"] == {"name": "api:api", "file": "manifests/second.yaml",
+                                          "line": 1}
+
+
 def test_apply_bad_json_document_names_its_line(api: Api) -> None:
     documents = [{"apiVersion": "oneoff.dev/v1", "kind": "Job", **job_body("ok")},
                  {"apiVersion": "oneoff.dev/v1", "kind": "Job", **job_body("Bad_Name")}]
