@@ -271,12 +271,28 @@ def serve(settings: Settings) -> None:
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+_encode_json = json.JSONEncoder(default=str).encode
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and every structured field."""
+    """One JSON object per line: time, level, logger, message and every structured field.
+
+    Every run logs its outcome, so a burst writes thousands of lines a second: the time
+    of day is formatted once a second, and one encoder serves every line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
         line: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "time": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -284,7 +300,7 @@ class JsonFormatter(logging.Formatter):
         line.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _encode_json(line)
 
 
 class TextFormatter(logging.Formatter):
@@ -309,6 +325,8 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
+    # Neither formatter shows them; each would cost a lookup on every line.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

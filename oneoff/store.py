@@ -11,6 +11,7 @@ in order on open and tracked in ``PRAGMA user_version``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,12 +20,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from oneoff.errors import Issue, StoreError
 from oneoff.manifests import JobSpec
@@ -38,6 +39,8 @@ from oneoff.records import (
     check_transition,
     isoformat,
 )
+
+T = TypeVar("T")
 
 
 def _read_sql(name: str) -> str:
@@ -107,12 +110,19 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute("PRAGMA foreign_keys=ON")
+                # Checkpoints run beside the writer (see _Checkpointer); SQLite's own, inside
+                # a commit, only once the log is 10x its default size.
+                self._db.execute(f"PRAGMA wal_autocheckpoint={10 * CHECKPOINT_PAGES}")
+                self._db.execute(f"PRAGMA journal_size_limit={CHECKPOINT_PAGES * 4096}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state file {path}: {exc}") from exc
+        self._checkpointer = None if readonly else _Checkpointer(path)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         with self._lock:
             self._db.close()
 
@@ -319,11 +329,15 @@ class Store:
             (due,) = self._run("next_due").fetchone()
         return str(due) if due is not None else None
 
-    def queued_candidates(self, limit: int) -> list[tuple[str, str, int]]:
-        """(id, job_uid, attempt) of queued runs in dispatch order."""
+    def queued_candidates(
+        self, now: str, limit: int, offset: int = 0
+    ) -> list[tuple[str, str, Stored | None]]:
+        """(id, job uid, job or None if deleted) of queued runs still within their starting
+        deadline at ``now``, in dispatch order; the jobs come without status."""
+        params = {"now": now, "limit": limit, "offset": offset}
         with self._lock:
-            rows = self._run("queued_candidates", {"limit": limit}).fetchall()
-        return [(row[0], row[1], row[7]) for row in rows]
+            rows = self._run("queued_candidates", params).fetchall()
+        return [(row[0], row[1], _stored(row[2:], False) if row[2] else None) for row in rows]
 
     def executions(
         self, namespace: str | None = None, name: str | None = None,
@@ -353,6 +367,19 @@ class Store:
             last, upcoming = self._run("job_run_summary", {"job_uid": job_uid}).fetchone()
         return last, upcoming
 
+    async def call(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (blocking calls on this store) for the event loop: right there when
+        no other thread is using the store, as the dispatch path's reads and writes take a
+        fraction of a millisecond and a hop to a thread costs as much; in a worker thread
+        when another thread holds the store (a reconcile), so the loop never waits for it.
+        """
+        if self._lock.acquire(blocking=False):
+            try:
+                return work()
+            finally:
+                self._lock.release()
+        return await asyncio.to_thread(work)
+
     # --- writes --------------------------------------------------------------------
 
     @contextmanager
@@ -376,6 +403,65 @@ class Store:
                 except sqlite3.Error as exc:
                     self._db.execute("ROLLBACK")
                     raise StoreError(f"state file {self.path}: commit failed: {exc}") from exc
+                if self._checkpointer is not None:
+                    self._checkpointer.committed()
+
+
+CHECKPOINT_PAGES = 1000
+"""SQLite's default threshold of log pages for a checkpoint."""
+
+
+class _Checkpointer:
+    """Copies the write-ahead log back into the database from a connection and thread of
+    its own, so that no commit waits for it.
+
+    SQLite's automatic checkpoint runs inside the commit that crosses its threshold, two
+    fsyncs included: several milliseconds, about once a second while runs are dispatched,
+    added to whichever claim crosses it. A PASSIVE checkpoint from another connection
+    never blocks the writer. While the writer never pauses (a long burst), the log cannot
+    restart from its beginning; SQLite's own checkpoint, at a higher threshold, bounds it.
+    """
+
+    def __init__(self, path: str, every: int = 32) -> None:
+        self._path = path
+        self._every = every
+        self._commits = 0
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def committed(self) -> None:
+        """Called by the writer after each commit (under the store's lock)."""
+        self._commits += 1
+        if self._commits < self._every:
+            return
+        self._commits = 0
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="oneoff-checkpoint",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, check_same_thread=False)
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._closed:
+                    return
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    pass  # busy or failing: the next nudge, or SQLite's own, checkpoints
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class Transaction:
@@ -530,15 +616,26 @@ class Transaction:
             "run": run_id, "from": before.value, "error": error or ""})
         return True
 
-    def promote_due(self, now: str, soon: str | None = None) -> tuple[int, int]:
-        """Pending runs past their deadline → missed; those due by ``soon`` (default
-        ``now``) → queued. Returns the counts."""
-        missed = self._store._run("due_to_missed", {"now": now}).fetchall()
-        queued = self._store._run("due_to_queued", {"now": soon or now}).fetchall()
-        for rows in (missed, queued):
-            for run_id, _, namespace, name, status in rows:
-                self.event(f"execution.{status}", ObjectKey("Job", namespace, name), run_id,
-                           {"run": run_id})
+    def promote_due(
+        self, now: str, soon: str | None = None, limit: int | None = None
+    ) -> tuple[int, int]:
+        """Waiting runs past their deadline → missed; pending ones due by ``soon`` (default
+        ``now``) → queued, in dispatch order. At most ``limit`` of each (default all): the
+        rest is left for the next call, and runs past their deadline are never claimed
+        meanwhile. Returns the counts."""
+        bound = -1 if limit is None else limit
+        missed = self._store._run("due_to_missed", {"now": now, "limit": bound}).fetchall()
+        queued = self._store._run("due_to_queued", {
+            "now": now, "soon": soon or now, "limit": bound}).fetchall()
+        try:
+            self._store._db.executemany(self._store._queries["insert_event"], [
+                {"at": self.now, "type": f"execution.{status}", "kind": "Job",
+                 "namespace": namespace, "name": name, "uid": run_id,
+                 "data": canonical_json({"run": run_id})}
+                for rows in (missed, queued) for run_id, _, namespace, name, status in rows])
+        except sqlite3.Error as exc:
+            raise StoreError(f"state file {self._store.path}: recording runs failed: {exc}"
+                             ) from exc
         return len(missed), len(queued)
 
     def claim_many(self, run_ids: list[str]) -> list[Claimed]:

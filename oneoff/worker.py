@@ -15,6 +15,7 @@ together and beats retries; cancelled runs are never retried.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -102,6 +103,8 @@ class WorkerPool:
         self.environ = environ
         self.rand = rand
         self._tasks: dict[str, tuple[asyncio.Task[None], str]] = {}
+        self._by_job: dict[str, dict[str, None]] = {}
+        """Run ids in ``_tasks`` by job uid (the scheduler asks for each run it claims)."""
         self._cancel_reasons: dict[str, str] = {}
         self._finished: list[tuple[_Finished, asyncio.Future[None]]] = []
         self._writing = False
@@ -118,7 +121,7 @@ class WorkerPool:
         return len(self._tasks)
 
     def active_runs(self, job_uid: str) -> list[str]:
-        return [run_id for run_id, (_, uid) in self._tasks.items() if uid == job_uid]
+        return list(self._by_job.get(job_uid, ()))
 
     def live_output(self, run_id: str) -> str | None:
         """What a running attempt has printed so far; None if it is not running here."""
@@ -128,6 +131,7 @@ class WorkerPool:
     def start(self, item: Dispatch) -> None:
         task = asyncio.create_task(self._execute(item), name=f"run {item.run.id}")
         self._tasks[item.run.id] = (task, item.job.uid)
+        self._by_job.setdefault(item.job.uid, {})[item.run.id] = None
         self._unrecorded.add(task)
         task.add_done_callback(self._unrecorded.discard)
 
@@ -199,15 +203,24 @@ class WorkerPool:
                         if decision.retry else None)
             # The slot is free once the attempt is over; the write joins the next group
             # commit while the scheduler already claims the next run.
-            self._tasks.pop(run.id, None)
-            self.on_free()
+            self._release(run.id)
             await self._record(_Finished(item, status, outcome, retry_at))
             log.info("%s%s", status, f", retry: {decision.reason}" if decision.retry else "",
                      extra={**extra, "status": status.value, "error": outcome.error})
         finally:
             self._cancel_reasons.pop(run.id, None)
-            if self._tasks.pop(run.id, None) is not None:
-                self.on_free()
+            self._release(run.id)
+
+    def _release(self, run_id: str) -> None:
+        """Free the slot of ``run_id`` (once) and tell the scheduler."""
+        entry = self._tasks.pop(run_id, None)
+        if entry is None:
+            return
+        runs = self._by_job[entry[1]]
+        del runs[run_id]
+        if not runs:
+            del self._by_job[entry[1]]
+        self.on_free()
 
     async def _attempt(self, item: Dispatch, limit: float | None) -> Outcome:
         run, spec = item.run, item.spec
@@ -249,7 +262,7 @@ class WorkerPool:
             while self._finished:
                 batch, self._finished = self._finished, []
                 try:
-                    await asyncio.to_thread(self._write, [f for f, _ in batch])
+                    await self.store.call(functools.partial(self._write, [f for f, _ in batch]))
                 except Exception as exc:
                     for _, future in batch:
                         future.set_exception(exc)

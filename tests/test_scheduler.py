@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from oneoff import scheduler as scheduler_module
 from oneoff.manifests import Retry
 from oneoff.reconciler import DirectorySource, Reconciler
 from oneoff.records import RunStatus, Stored
@@ -134,6 +137,116 @@ def test_dispatch_order_is_priority_then_due_time_then_creation(h: Harness) -> N
     assert tick(h) == ["high", "mid-a", "mid-b"]
     h.free = 4
     assert tick(h) == ["low"]
+
+
+def drain(h: Harness, free: int) -> list[str]:
+    """Tick with ``free`` workers (runs never finish) until nothing more is dispatched."""
+    names: list[str] = []
+    while True:
+        h.free = len(h.dispatched) + free
+        got = tick(h)
+        if not got:
+            return names
+        names += got
+
+
+def test_a_burst_queued_over_several_passes_still_starts_in_priority_order(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scheduler_module, "PROMOTE_BATCH", 4)
+    docs = [job(f"b{i:02d}", "{at: '2026-12-24T11:59:00Z'}") for i in range(20)]
+    docs.append(job("urgent", "{at: '2026-12-24T11:59:00Z'}", "  priority: 10\n"))
+    h.apply("burst", "---\n".join(docs))
+    names = drain(h, free=2)
+    # the priority-10 run, created last, is not held back behind the first batch queued
+    assert names == ["urgent"] + [f"b{i:02d}" for i in range(20)]  # each exactly once
+    assert {h.runs(name)[0][0] for name in names} == {RunStatus.RUNNING}
+    assert len({item.run.id for item in h.dispatched}) == 21
+
+
+def test_a_run_due_meanwhile_overtakes_the_queue_when_its_priority_is_higher(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scheduler_module, "PROMOTE_BATCH", 4)
+    h.apply("burst", "---\n".join(job(f"b{i:02d}", "{at: '2026-12-24T11:59:00Z'}")
+                                   for i in range(10)))
+    h.free = 2
+    assert tick(h) == ["b00", "b01"]
+    h.apply("late", job("late", "{at: '2026-12-24T12:00:00Z'}", "  priority: 6\n"))
+    assert drain(h, free=2) == ["late"] + [f"b{i:02d}" for i in range(2, 10)]
+
+
+def test_more_missed_runs_than_one_pass_records_are_all_missed_and_none_starts(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scheduler_module, "PROMOTE_BATCH", 3)
+    docs = [job(f"old{i}", "{at: '2026-12-24T11:00:00Z'}", "  startingDeadlineSeconds: 60\n")
+            for i in range(10)]
+    h.apply("old", "---\n".join(docs))
+    h.apply("now", job("now", "{at: now}"))
+    assert tick(h) == ["now"]  # claimed in the first pass, with 7 still to be marked missed
+    passes = 1
+    while h.scheduler._seconds_to_next_due() == 0:  # what the loop does: pass again at once
+        assert tick(h) == []
+        passes += 1
+    assert passes == 4
+    assert [h.runs(f"old{i}") for i in range(10)] == [
+        [(RunStatus.MISSED, "2026-12-24T11:00:00.000Z")]] * 10
+    assert h.scheduler._seconds_to_next_due() is None
+
+
+def test_a_due_run_of_a_suspended_job_lets_the_scheduler_sleep_until_its_deadline(
+    h: Harness,
+) -> None:
+    h.apply("ping", job("ping", "{at: now}", "  suspend: true\n  startingDeadlineSeconds: 600\n"))
+    assert tick(h) == []
+    # not 0, which would make the loop pass again and again while the job stays suspended
+    assert h.scheduler._seconds_to_next_due() == 600 - CLAIM_AHEAD.total_seconds()
+    h.clock.advance(seconds=601)
+    assert tick(h) == []
+    assert h.runs("ping")[0][0] is RunStatus.MISSED
+
+
+def test_store_work_runs_in_place_unless_another_thread_holds_the_store(h: Harness) -> None:
+    ran_on: list[str] = []
+
+    def work() -> None:
+        h.store.next_due()  # needs the store
+        ran_on.append(threading.current_thread().name)
+
+    async def main() -> None:
+        await h.store.call(work)  # nobody else holds it: right here, on the loop's thread
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with h.store.transaction(h.clock()):
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(10)
+        beats = 0
+
+        async def heartbeat() -> None:
+            nonlocal beats
+            while not release.is_set():
+                beats += 1
+                await asyncio.sleep(0.01)
+
+        beating = asyncio.create_task(heartbeat())
+        waiting = asyncio.create_task(h.store.call(work))  # a reconcile holds it: a thread
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        release.set()
+        await waiting
+        await beating
+        holder.join()
+        assert beats > 1  # the loop kept running while the work waited for the store
+
+    asyncio.run(main())
+    assert ran_on[0] == threading.main_thread().name
+    assert ran_on[1] != threading.main_thread().name
 
 
 def test_a_run_later_than_its_starting_deadline_is_missed(h: Harness) -> None:

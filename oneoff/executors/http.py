@@ -13,6 +13,8 @@ small host, where httpx's pool (it scans every connection on each request) did n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import re
@@ -56,6 +58,7 @@ SessionFactory = Callable[[bool], aiohttp.ClientSession]
 # Requests never send a Content-Type the job did not ask for: aiohttp would otherwise add
 # ``application/octet-stream`` to a raw body or to a POST without one.
 _NO_AUTO_HEADERS = ("Content-Type",)
+_NO_DEADLINE = contextlib.nullcontext()
 # Run identity headers; set, not appended: they win over a header of the same name.
 _IDENTITY = frozenset({"idempotency-key", "x-oneoff-attempt"})
 # Redirects followed before giving up (httpx's default, which this executor used before).
@@ -153,14 +156,16 @@ class HttpRunner:
 
         capture = _Capture(ctx.output_limit)
         status: int | None = None
-        deadline = asyncio.timeout(ctx.timeout)
+        deadline = None if ctx.timeout is None else asyncio.timeout(ctx.timeout)
         try:
             data = _body(block, headers)
-            # ``params=`` would append to a query written in the URL; merge instead (a key
-            # given in ``query`` replaces the URL's).
-            url = URL(block.url).update_query(block.query) if block.query else URL(block.url)
+            url = _url(block.url)
+            if block.query:
+                # ``params=`` would append to a query written in the URL; merge instead (a
+                # key given in ``query`` replaces the URL's).
+                url = url.update_query(block.query)
             async with (
-                deadline,
+                deadline or _NO_DEADLINE,
                 self._session(block.verify_tls).request(
                     block.method.value,
                     url,
@@ -185,7 +190,8 @@ class HttpRunner:
                     response.close()
         except TimeoutError as exc:
             # aiohttp's own timeouts only fire when a given factory configured them.
-            if not (deadline.expired() or isinstance(exc, aiohttp.ClientError)):
+            if not ((deadline is not None and deadline.expired())
+                    or isinstance(exc, aiohttp.ClientError)):
                 raise
             return _timed_out(ctx, status, capture)
         except aiohttp.ClientConnectorError as exc:
@@ -216,6 +222,12 @@ class HttpRunner:
         if proxy is None or proxy_bypass(url.host or ""):  # NO_PROXY
             return None
         return proxy
+
+
+@functools.lru_cache(maxsize=4096)
+def _url(text: str) -> URL:
+    """The parsed URL of a job (parsing is a good part of a request's setup; URLs repeat)."""
+    return URL(text)
 
 
 def _body(block: HttpExecutor, headers: dict[str, str]) -> bytes | None:

@@ -136,23 +136,38 @@ WHERE id = :id AND status = :from_status
 RETURNING job_uid, namespace, name;
 
 -- name: due_to_missed
-UPDATE executions INDEXED BY executions_deadline SET status = 'missed', finished_at = :now,
+-- At most :limit a call (-1: all), earliest deadline first; the rest waits for the next
+-- call, and is neither queued nor claimed meanwhile (both check the deadline).
+UPDATE executions SET status = 'missed', finished_at = :now,
     error = 'not started within startingDeadlineSeconds of its time'
-WHERE status IN ('pending', 'queued') AND deadline_at < :now
+WHERE seq IN (SELECT seq FROM executions INDEXED BY executions_deadline
+              WHERE status IN ('pending', 'queued') AND deadline_at < :now
+              ORDER BY deadline_at LIMIT :limit)
 RETURNING id, job_uid, namespace, name, status;
 
 -- name: due_to_queued
-UPDATE executions INDEXED BY executions_waiting SET status = 'queued'
--- the first term repeats the partial index's condition so SQLite may use the index
-WHERE status IN ('pending', 'queued') AND status = 'pending' AND due_at <= :now
-  AND NOT EXISTS (SELECT 1 FROM objects o
-                  WHERE o.uid = executions.job_uid AND json_extract(o.spec, '$.suspend') = 1)
+-- At most :limit a call (-1: all), in dispatch order, so a burst's first claim does not
+-- wait until all of it is queued, and what is queued first is what a claim takes first.
+UPDATE executions SET status = 'queued'
+WHERE seq IN (
+    SELECT seq FROM executions INDEXED BY executions_waiting
+    -- the first term repeats the partial index's condition so SQLite may use the index
+    WHERE status IN ('pending', 'queued') AND status = 'pending' AND due_at <= :soon
+      AND deadline_at >= :now
+      AND NOT EXISTS (SELECT 1 FROM objects o INDEXED BY objects_suspended
+                      WHERE o.uid = executions.job_uid AND json_extract(o.spec, '$.suspend') = 1)
+    ORDER BY priority DESC, due_at, seq LIMIT :limit)
 RETURNING id, job_uid, namespace, name, status;
 
 -- name: queued_candidates
-SELECT id, job_uid, namespace, name, priority, due_at, scheduled_at, attempt, reason
-FROM executions WHERE status = 'queued'
-ORDER BY priority DESC, due_at, seq LIMIT :limit;
+-- Queued runs within their starting deadline, in dispatch order, each with its job
+-- (without status; NULL columns if the job was deleted).
+SELECT e.id, e.job_uid,
+       o.uid, o.kind, o.namespace, o.name, o.generation, o.spec, o.meta, o.spec_digest,
+       o.source, o.file, o.line, o.created_at, o.updated_at, '{}'
+FROM executions e INDEXED BY executions_queue LEFT JOIN objects o ON o.uid = e.job_uid
+WHERE e.status = 'queued' AND e.deadline_at >= :now
+ORDER BY e.priority DESC, e.due_at, e.seq LIMIT :limit OFFSET :offset;
 
 -- name: insert_attempt
 INSERT INTO attempts (execution_id, attempt, started_at, status)
@@ -170,8 +185,16 @@ WHERE status = 'running'
 RETURNING id, job_uid, namespace, name, attempt;
 
 -- name: next_due
-SELECT MIN(due_at) FROM executions INDEXED BY executions_waiting
-WHERE status IN ('pending', 'queued') AND status = 'pending';
+-- When the scheduler must look again: the earliest pending run it may queue (runs of a
+-- suspended job wait), or the earliest starting deadline of a waiting run.
+SELECT min(coalesce(due, deadline), coalesce(deadline, due)) FROM (SELECT
+  (SELECT due_at FROM executions INDEXED BY executions_waiting
+   WHERE status IN ('pending', 'queued') AND status = 'pending'
+     AND NOT EXISTS (SELECT 1 FROM objects o INDEXED BY objects_suspended
+                     WHERE o.uid = executions.job_uid AND json_extract(o.spec, '$.suspend') = 1)
+   ORDER BY due_at LIMIT 1) AS due,
+  (SELECT MIN(deadline_at) FROM executions INDEXED BY executions_deadline
+   WHERE status IN ('pending', 'queued')) AS deadline);
 
 -- name: count_queued
 SELECT COUNT(*) FROM executions WHERE status = 'queued';
