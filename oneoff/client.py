@@ -538,9 +538,10 @@ class Part:
 class Bundle:
     """Manifest files joined into one multi-document YAML body, and the way back.
 
-    The first file starts at body line 1; every further one after a ``--- # file: PATH``
-    separator line. A single file is sent exactly as it is, named by ``X-OneOff-File``,
-    so the server itself reports and records its real lines.
+    The first file starts at body line 1 and names the body (``X-OneOff-File``); every
+    further one starts after a ``--- # file: PATH`` separator line (``loader.load_text``
+    places documents and errors by them). A single file is sent exactly as it is. Where
+    the server leaves a body line in place, :meth:`issue` and :meth:`plan` put it back.
     """
 
     text: str = ""
@@ -568,7 +569,7 @@ class Bundle:
                     continue
                 if not text.endswith("\n"):
                     text += "\n"
-                if chunks:
+                if chunks or not _header_safe(path):  # a path no header can carry
                     chunks.append(f"--- # file: {path}\n")
                     line += 1
                 count = text.count("\n")
@@ -594,9 +595,8 @@ class Bundle:
 
     @property
     def origin(self) -> str:
-        """What the request names its body: the file when there is one."""
-        if len(self.parts) == 1 and self.parts[0].file.isascii() and len(
-                self.parts[0].file) <= 300 and self.parts[0].file.isprintable():
+        """What the request names its body (``X-OneOff-File``): its first file."""
+        if self.parts and self.parts[0].first == 1:
             return self.parts[0].file
         return REQUEST_FILE
 
@@ -624,6 +624,10 @@ class Bundle:
             changes.append(change)
         return {**plan, "changes": changes,
                 "issues": [self.issue(_issue(i)).to_dict() for i in plan.get("issues", [])]}
+
+
+def _header_safe(path: str) -> bool:
+    return path.isascii() and path.isprintable() and len(path) <= 300
 
 
 def list_document(items: list[dict[str, Any]]) -> dict[str, Any]:

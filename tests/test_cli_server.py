@@ -134,10 +134,7 @@ def test_new_user_drives_a_server_with_only_the_cli(
     assert as_admin("apply", "-f", "manifests").returncode == 0
     jobs = as_admin("get", "jobs")
     assert [line.split()[0] for line in jobs.stdout.splitlines()[1:]] == ["hello", "slow"]
-    # TODO(server): objects applied from several files are stored as "request:<body line>"
-    # (SOURCE column); the CLI separates files with "--- # file: PATH" lines, so
-    # loader.load_text could record each document's own file:line (then assert
-    # "manifests/hello.yaml:1" in jobs.stdout here).
+    assert "manifests/hello.yaml:1" in jobs.stdout and "manifests/slow.yaml:1" in jobs.stdout
 
     # run a job and wait for it; its log
     ran = as_admin("run", "hello", "--wait")
@@ -616,11 +613,18 @@ def test_apply_bundle_maps_body_lines_back_to_each_file(tmp_path: Path) -> None:
             assert lines[part.first - 1 + index] == text
             assert bundle.locate(part.first + index) == (part.file, index + 1)
     assert lines[bundle.parts[1].first - 2] == f"--- # file: {root / 'sub' / 'b.yml'}"
-    assert bundle.origin == REQUEST_FILE
-    moved = bundle.issue(Issue(REQUEST_FILE, "bad", line=bundle.parts[1].first + 3, column=1))
+    assert bundle.origin == str(root / "a.yaml")
+    moved = bundle.issue(Issue(bundle.origin, "bad", line=bundle.parts[1].first + 3, column=1))
     assert str(moved) == f"{root / 'sub' / 'b.yml'}:4:1: bad"
+    placed = Issue(str(root / "sub" / "b.yml"), "bad", line=4)  # the server placed it
+    assert bundle.issue(placed) == placed
     assert list(yaml.safe_load_all(bundle.text)) == [
         {"one": 1, "two": 2, "three": 3}, None, {"x": 1}, {"y": 2}]
+
+    (tmp_path / "é.yaml").write_text("z: 1\n")  # no header can carry this name: a separator
+    odd = Bundle.from_paths((str(tmp_path / "é.yaml"),), 1 << 20)
+    assert odd.origin == REQUEST_FILE and odd.text == f"--- # file: {tmp_path / 'é.yaml'}\nz: 1\n"
+    assert odd.locate(2) == (str(tmp_path / "é.yaml"), 1)
 
     single = Bundle.from_paths((str(root / "a.yaml"),), 1 << 20)
     assert single.origin == str(root / "a.yaml")
