@@ -32,6 +32,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -63,6 +64,9 @@ LABEL_NAMESPACE = "oneoff.dev/namespace"
 LABEL_ATTEMPT = "oneoff.dev/attempt"
 
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
+
+OOM_CHECKS, OOM_CHECK_INTERVAL = 10, 0.05
+"""After exit code 137: how often, and how far apart, to look for the engine's OOM flag."""
 
 _ENGINE_ERRORS = (DockerException, requests.RequestException)
 """What the SDK raises when the engine refuses a call or cannot be reached."""
@@ -373,10 +377,16 @@ class DockerRunner:
                         _reason(exc), extra={"action": "stop"})
 
     def _oom_killed(self, api: docker.APIClient, container: str) -> bool:
-        try:
-            return bool(api.inspect_container(container)["State"].get("OOMKilled"))
-        except _ENGINE_ERRORS:
-            return False
+        # The engine may record the OOM kill a few milliseconds after the exit it caused
+        # (seen up to 30 ms with Docker 20.10): look again for a moment.
+        for _ in range(OOM_CHECKS):
+            try:
+                if api.inspect_container(container)["State"].get("OOMKilled"):
+                    return True
+            except _ENGINE_ERRORS:
+                return False
+            time.sleep(OOM_CHECK_INTERVAL)
+        return False
 
     def _remove(self, api: docker.APIClient, container: str, run_id: str) -> None:
         try:
