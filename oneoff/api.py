@@ -17,6 +17,7 @@ one; 404 (no such object), 409 (the state refuses: exists, owned elsewhere, fini
 """
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
@@ -28,7 +29,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +51,7 @@ from oneoff.errors import (
 from oneoff.loader import load_documents, load_text
 from oneoff.manifests import API_VERSION, DNS_LABEL, OverlapPolicy
 from oneoff.manifests import Scope as KeyScope
+from oneoff.metrics import CONTENT_TYPE, ApiRequests, Metrics
 from oneoff.plan import plan_document
 from oneoff.reconciler import Reconciler, collector_paused
 from oneoff.records import (
@@ -69,6 +71,8 @@ from oneoff.store import (
     Store,
     job_status_extra,
     job_status_extras,
+    page_audit,
+    record_audit,
 )
 
 log = logging.getLogger(__name__)
@@ -142,8 +146,11 @@ def create_app(
     live_output: Callable[[str], str | None] = lambda run_id: None,
     stop: asyncio.Event | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: Metrics | None = None,
+    metrics_auth: bool = False,
 ) -> FastAPI:
-    """The API application over one open store and the daemon's reconciler and scheduler."""
+    """The API application over one open store and the daemon's reconciler and scheduler;
+    with ``metrics``, ``/metrics`` too (``metrics_auth``: only for a key with ``read``)."""
     keyring = keys or KeyRing(store)
     create_lock = threading.Lock()
     app = FastAPI(
@@ -156,6 +163,9 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_RemoteAddress)
+    if metrics is not None:
+        app.add_middleware(ApiRequests, metrics=metrics)
     _install_problem_handlers(app)
 
     def principal(request: Request) -> Principal:
@@ -170,6 +180,9 @@ def create_app(
         return who
 
     Who = Annotated[Principal, Depends(principal)]
+
+    def _audit(who: Principal, action: str, target: str, **detail: Any) -> None:
+        _write_audit(store, who, action, target, detail)
 
     # --- health ------------------------------------------------------------------
 
@@ -187,7 +200,17 @@ def create_app(
         return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
                             status_code=200 if ok else 503)
 
-    # --- who am I, sources, events (before /{kind}, which would match them) ---------
+    if metrics is not None:
+        @app.get("/metrics", operation_id="metrics", tags=["health"],
+                 response_class=PlainTextResponse,
+                 responses={200: {"content": {CONTENT_TYPE: {}}}})
+        def prometheus_metrics(request: Request) -> Response:
+            """Prometheus metrics (text exposition format)."""
+            if metrics_auth:
+                principal(request).require(KeyScope.READ)
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    # --- who am I, sources, audit, events (before /{kind}, which would match them) ---
 
     @app.get("/api/v1/whoami", operation_id="whoami", tags=["auth"])
     def whoami(who: Who) -> dict[str, Any]:
@@ -206,6 +229,32 @@ def create_app(
              "issues": [issue.to_dict() for issue in s.issues]}
             for s in store.sources()
         ]}
+
+    @app.get("/api/v1/audit", operation_id="listAudit", tags=["audit"])
+    def list_audit(
+        who: Who,
+        action: Annotated[str | None, Query(pattern=r"^[a-z-]{1,32}$", description=(
+            "Only this action: apply, create, delete, run, cancel."))] = None,
+        key: Annotated[str | None, Query(alias="keyName", pattern=DNS_LABEL, max_length=63,
+                                         description=("Only actions of the API key with "
+                                                      "this name."))] = None,
+        target: Annotated[str | None, Query(max_length=300, description=(
+            "Only entries whose target or detail contains this text, e.g. a run id or "
+            "`Job default/ping`."))
+                          ] = None,
+        since: Annotated[datetime | None, Query(description="At or after (RFC 3339).")] = None,
+        until: Annotated[datetime | None, Query(description="Before (RFC 3339).")] = None,
+        limit: Limit = 100, offset: Offset = 0,
+    ) -> JSONResponse:
+        """Who did what, when and from where, newest first (needs the ``admin`` scope: it
+        names keys and client addresses across every namespace)."""
+        who.require(KeyScope.ADMIN)
+        entries, total = page_audit(store, action=action, key=key, target=target,
+                                    since=_instant(since), until=_instant(until),
+                                    limit=limit, offset=offset)
+        return _list([{"seq": e.seq, "at": e.at, "key": e.key, "action": e.action,
+                       "target": e.target, "detail": e.detail, "remote": e.remote}
+                      for e in entries], total, limit, offset)
 
     @app.get("/api/v1/events", operation_id="streamEvents", tags=["events"],
              response_class=EventSourceResponse,
@@ -320,6 +369,8 @@ def create_app(
             conflict = report.plan.refused is not None or (not result.issues and any(
                 owner.source != source for owner in owners.values()))
             raise _Rejected(conflict, list(report.plan.issues), report.plan.refused, planned)
+        if not dry_run:
+            _audit(who, "apply", source, prune=prune, force=force, counts=planned["counts"])
         return document
 
     # --- executions (before /{kind}) -------------------------------------------------
@@ -638,10 +689,23 @@ def _instant(moment: datetime | None) -> str | None:
     return isoformat(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
-def _audit(who: Principal, action: str, target: str, **detail: Any) -> None:
+_remote: contextvars.ContextVar[str | None] = contextvars.ContextVar("remote", default=None)
+"""The client address of the request being handled (set by :class:`_RemoteAddress`)."""
+
+
+def _write_audit(store: Store, who: Principal, action: str, target: str,
+                 detail: dict[str, Any]) -> None:
+    """Log a mutating action and record it in the audit log, right after it happened.
+    A failed write is logged, not raised: the action itself is done."""
+    remote = _remote.get()
     log.info("%s %s by %s", action, target, who.name or "anonymous",
              extra={"action": "audit", "audit_action": action, "target": target,
-                    "key": who.name, **detail})
+                    "key": who.name, "remote": remote, **detail})
+    try:
+        record_audit(store, datetime.now(UTC), who.name, action, target, detail, remote)
+    except StoreError as exc:
+        log.error("cannot record %s %s in the audit log: %s", action, target, exc,
+                  extra={"action": "audit", "audit_action": action, "target": target})
 
 
 # --- errors as problem+json --------------------------------------------------------------
@@ -785,4 +849,20 @@ class _BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class _RemoteAddress:
+    """Make the client's address known to the audit log for the request's duration (the
+    handlers' thread pool runs them in a copy of this context)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        token = _remote.set(client[0] if client else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _remote.reset(token)
 

@@ -66,8 +66,8 @@ from oneoff.manifests import API_VERSION, KINDS, json_schemas
 from oneoff.plan import plan, plan_document
 from oneoff.reconciler import directory_source_name
 from oneoff.records import RunStatus, Stored, parse_selector
-from oneoff.settings import load_settings
-from oneoff.store import Store
+from oneoff.settings import explain_settings, load_settings
+from oneoff.store import Store, page_audit
 
 EXIT_OK, EXIT_CHANGES, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 LOCAL_STATE = "./oneoff.db"
@@ -159,6 +159,35 @@ def serve(config_file: str | None, **flags: Any) -> int:
 
     settings = load_settings(flags, config_file=config_file)
     daemon.serve(settings)
+    return EXIT_OK
+
+
+@cli.command("config", params=list(serve.params))
+@output_option
+def config(config_file: str | None, output: str, **flags: Any) -> int:
+    """Print the settings 'oneoff serve' would use (same flags), where each comes from
+    (flag, env, file, default), secrets masked; and the CLI's own server and key."""
+    rows: list[dict[str, Any]] = [
+        {"name": name, "value": list(value) if isinstance(value, tuple) else value,
+         "source": source}
+        for name, value, source in explain_settings(flags, config_file=config_file)]
+    client = client_config()
+    key_from = ("env ONEOFF_API_KEY" if os.environ.get("ONEOFF_API_KEY")
+                else f"file {client.config_file}" if client.api_key else "default")
+    rows += [{"name": "server", "value": client.server,
+              "source": {"env": "env ONEOFF_SERVER", "file": f"file {client.config_file}"}.get(
+                  client.server_from, client.server_from)},
+             {"name": "api_key", "value": "********" if client.api_key else None,
+              "source": key_from}]
+    if output != "table":
+        click.echo(dump({row["name"]: {"value": row["value"], "source": row["source"]}
+                         for row in rows}, output), nl=False)
+        return EXIT_OK
+    table = [["SETTING", "VALUE", "SOURCE"]]
+    table += [[row["name"], "" if row["value"] is None else
+               ":".join(row["value"]) if isinstance(row["value"], list) else str(row["value"]),
+               row["source"]] for row in rows]
+    click.echo(_format_rows(table), nl=False)
     return EXIT_OK
 
 
@@ -433,7 +462,12 @@ def get(
     server: str | None,
     api_key: str | None,
 ) -> int:
-    """List objects of KIND (jobs, chains, webhooks, apikeys, executions, sources)."""
+    """List objects of KIND (jobs, chains, webhooks, apikeys, executions, sources, audit).
+
+    ``get audit [TEXT]``: the audit log, newest first; TEXT matches part of the target,
+    e.g. a run id to see who cancelled it (needs an admin key on a server with keys)."""
+    if kind.lower() == "audit":
+        return _get_audit(name, limit, output, state, server, api_key)
     resolved = _kind(kind)
     try:
         parse_selector(selector)
@@ -452,6 +486,33 @@ def get(
     if name is not None and not documents:
         raise NotFound(f"{resolved} {ns or '*'}/{name} not found")
     _print_objects(resolved, documents, output, ns, one=name is not None)
+    return EXIT_OK
+
+
+def _get_audit(target: str | None, limit: int, output: str, state: str | None,
+               server: str | None, api_key: str | None) -> int:
+    with closing(open_reader(state, server, api_key)) as reader:
+        items: list[dict[str, Any]]
+        if isinstance(reader, StateReader):
+            entries, _ = page_audit(reader.store, target=target, limit=limit)
+            items = [{"seq": e.seq, "at": e.at, "key": e.key, "action": e.action,
+                      "target": e.target, "detail": e.detail, "remote": e.remote}
+                     for e in entries]
+        else:
+            assert isinstance(reader, ApiClient)
+            items = reader.json("GET", "/api/v1/audit",
+                                params={"target": target, "limit": limit})["items"]
+    if output != "table":
+        click.echo(dump(list_document(items), output), nl=False)
+        return EXIT_OK
+    if not items:
+        click.echo("No audit entries found.", err=True)
+        return EXIT_OK
+    rows = [["AT", "KEY", "ACTION", "TARGET", "FROM", "DETAIL"]]
+    rows += [[item["at"], item["key"] or "(no key)", item["action"], item["target"],
+              item["remote"] or "", json.dumps(item["detail"], sort_keys=True)
+              if item["detail"] else ""] for item in items]
+    click.echo(_format_rows(rows), nl=False)
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any, TextIO
 
 import uvicorn
@@ -31,11 +32,13 @@ from oneoff.executors.docker import DockerRunner
 from oneoff.executors.http import HttpRunner
 from oneoff.executors.processes import kill_processes_of_runs
 from oneoff.executors.shell import ShellRunner
+from oneoff.metrics import Metrics
 from oneoff.plan import Action
 from oneoff.reconciler import DirectorySource, Reconciler, Report
+from oneoff.records import isoformat
 from oneoff.scheduler import Scheduler
 from oneoff.settings import LogFormat, Settings
-from oneoff.store import Store
+from oneoff.store import Store, purge_audit, reclaim_space, use_incremental_vacuum
 from oneoff.worker import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,19 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.scheduler: Scheduler | None = None
         self.pool: WorkerPool | None = None
+        self.metrics: Metrics | None = None
+        self._scheduling: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         started = time.perf_counter()
         settings = self.settings
         with _exclusive(settings.state), Store(settings.state) as store:
             self.store = store
+            vacuum_started = time.perf_counter()
+            if await asyncio.to_thread(use_incremental_vacuum, store):
+                log.info("state file rewritten to give purged space back (%.0f ms, once)",
+                         (time.perf_counter() - vacuum_started) * 1000,
+                         extra={"action": "vacuum", "state": settings.state})
             if settings.manifests == DEFAULT_MANIFESTS:
                 os.makedirs(settings.manifests[0], exist_ok=True)  # the new user's first step
             http = HttpRunner()
@@ -78,13 +88,21 @@ class Daemon:
                 recurring=settings.recurring,
             )
             pool.on_free = scheduler.wake
+            self.metrics = metrics = Metrics(store, lambda: (pool.busy(), pool.size))
+
+            def applied(report: Report) -> None:
+                metrics.observe_reconcile(
+                    report.source, report.seconds, failed=bool(report.issues)
+                    or not report.applied, refused=bool(report.plan and report.plan.refused))
+                sync_changed_jobs(store, scheduler, report)
+
             self.reconciler = Reconciler(
                 store,
                 [DirectorySource(root) for root in settings.manifests],
                 prune_max_share=settings.prune_max_share,
                 max_file_bytes=settings.max_manifest_bytes,
                 resync_seconds=settings.resync_seconds,
-                on_applied=lambda report: sync_changed_jobs(store, scheduler, report),
+                on_applied=applied,
             )
             lost, _ = await asyncio.to_thread(scheduler.recover)
             for pid, run_id in (await asyncio.to_thread(kill_processes_of_runs, lost)).items():
@@ -93,14 +111,15 @@ class Daemon:
             for name, run_id in (await docker.remove_containers_of_runs(lost)).items():
                 log.warning("removed container %s left over from lost run %s", name, run_id,
                             extra={"action": "recover", "run_id": run_id})
-            await asyncio.to_thread(scheduler.purge, settings.retention_days)
+            await asyncio.to_thread(self.purge, scheduler, store, metrics)
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self.reconciler.run(self.stop))
                     await self.reconciler.synced.wait()
                     await asyncio.to_thread(scheduler.sync)  # also jobs unchanged since last run
-                    group.create_task(scheduler.run(self.stop))
-                    group.create_task(self._purge_daily(scheduler))
+                    self._scheduling = group.create_task(scheduler.run(self.stop))
+                    group.create_task(self._purge_daily(scheduler, store, metrics))
+                    group.create_task(metrics.run(self.stop))
                     address = await self._start_api(group, store, scheduler, pool)
                     log.info(
                         "ready in %.0f ms: state %s, watching %s, %d workers, API on %s",
@@ -140,9 +159,8 @@ class Daemon:
                              "pass --listen HOST:PORT") from None
         app = create_app(
             store, reconciler=self.reconciler, scheduler=scheduler, keys=keys,
-            ready=lambda: {"store": True, "reconciled": self.reconciler is not None
-                           and self.reconciler.synced.is_set(), "scheduler": True},
-            live_output=pool.live_output, stop=self.stop,
+            ready=self.ready, live_output=pool.live_output, stop=self.stop,
+            metrics=self.metrics, metrics_auth=self.settings.metrics_auth,
         )
         server = _ApiServer(uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off",
@@ -161,13 +179,41 @@ class Daemon:
         stopping.cancel()
         await serving
 
-    async def _purge_daily(self, scheduler: Scheduler) -> None:
+    def ready(self) -> dict[str, bool]:
+        """``/readyz``: the store answers, every source was reconciled once, the scheduler
+        loop is running."""
+        try:
+            store_ok = self.store is not None and self.store.last_event_seq() >= 0
+        except StoreError:
+            store_ok = False
+        return {
+            "store": store_ok,
+            "reconciled": self.reconciler is not None and self.reconciler.synced.is_set(),
+            "scheduler": self._scheduling is not None and not self._scheduling.done(),
+        }
+
+    def purge(self, scheduler: Scheduler, store: Store, metrics: Metrics) -> None:
+        """Retention: finished runs (retention days, historyLimit), events and audit rows;
+        then the freed pages go back to the file system. Blocking."""
+        now = scheduler.clock()
+        runs, events = scheduler.purge(self.settings.retention_days)
+        before = isoformat(now - timedelta(days=self.settings.retention_days))
+        audit = purge_audit(store, now, before)
+        pages = reclaim_space(store)
+        metrics.observe_purge(runs, events, audit)
+        if runs or events or audit or pages:
+            log.info("retention: %d execution(s), %d event(s), %d audit row(s) purged; "
+                     "%d free page(s) given back", runs, events, audit, pages,
+                     extra={"action": "purge", "executions": runs, "events": events,
+                            "audit": audit, "pages": pages})
+
+    async def _purge_daily(self, scheduler: Scheduler, store: Store, metrics: Metrics) -> None:
         while True:
             try:
                 await asyncio.wait_for(self.stop.wait(), 86400)
                 return
             except TimeoutError:
-                await asyncio.to_thread(scheduler.purge, self.settings.retention_days)
+                await asyncio.to_thread(self.purge, scheduler, store, metrics)
 
 
 class _ApiServer(uvicorn.Server):
@@ -317,6 +363,13 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+def _default_action(record: logging.LogRecord) -> bool:
+    """Lines of other libraries (uvicorn, asyncio) carry an ``action`` too: their logger."""
+    if not hasattr(record, "action"):
+        record.action = record.name
+    return True
+
+
 def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     stream = stream or sys.stderr
     use_json = settings.log_format is LogFormat.JSON or (
@@ -325,6 +378,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
+    handler.addFilter(_default_action)
     # Neither formatter shows them; each would cost a lookup on every line.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()

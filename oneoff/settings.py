@@ -8,6 +8,7 @@ chart and the docs depend on them.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
@@ -65,6 +66,9 @@ class Settings(BaseModel):
     """Docker Engine API address of docker jobs, e.g. ``unix:///run/docker.sock`` or
     ``tcp://host:2376``; unset: ``DOCKER_HOST``, then the local default socket
     (ONEOFF_DOCKER_HOST)."""
+    metrics_auth: bool = False
+    """Ask for an API key with the ``read`` scope on ``/metrics`` too; off by default, as
+    Prometheus scrapers seldom carry one (ONEOFF_METRICS_AUTH)."""
 
     @field_validator("manifests", mode="before")
     @classmethod
@@ -112,6 +116,47 @@ def load_settings(
             f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
         )
         raise UsageError(f"invalid settings: {problems}") from None
+
+
+SECRET_WORDS = ("key", "token", "password", "secret")
+"""A setting whose name has one of these words is shown masked by ``oneoff config``."""
+
+
+def explain_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> list[tuple[str, Any, str]]:
+    """(name, effective value, where it came from) of every setting, for ``oneoff
+    config``: ``flag``, ``env ONEOFF_…``, ``file <path>`` or ``default``. Secrets (a
+    secret-sounding name, a password in a URL) are masked."""
+    environ = os.environ if environ is None else environ
+    settings = load_settings(flags, environ, config_file)
+    config_file = config_file or environ.get("ONEOFF_CONFIG")
+    from_file = _read_config(config_file) if config_file else {}
+    rows = []
+    for name in Settings.model_fields:
+        env = ENV_PREFIX + name.upper()
+        if (flags or {}).get(name) not in (None, ()):
+            where = "flag"
+        elif environ.get(env) not in (None, ""):
+            where = f"env {env}"
+        elif name in from_file:
+            where = f"file {config_file}"
+        else:
+            where = "default"
+        rows.append((name, _masked(name, getattr(settings, name)), where))
+    return rows
+
+
+def _masked(name: str, value: Any) -> Any:
+    if value is None or value == "":
+        return value
+    if any(word in name for word in SECRET_WORDS):
+        return "********"
+    if isinstance(value, str):
+        return re.sub(r"(?<=://)([^/@:]*):[^/@]*@", r"\1:********@", value)
+    return value
 
 
 def _read_config(path: str) -> dict[str, Any]:

@@ -942,3 +942,129 @@ def _stored(row: tuple[Any, ...], with_status: bool = True) -> Stored:
         updated_at=row[12],
         status=json.loads(row[13]) if with_status else {},
     )
+
+
+# --- audit log and metrics -------------------------------------------------------------
+# Module functions (as job_status_extras above) so that this part stays apart from the
+# run queries; each takes the store's lock as its methods do.
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One mutating action: who (the key's name), what, on what, when, from where."""
+
+    seq: int
+    at: str
+    key: str | None
+    action: str
+    target: str
+    detail: dict[str, Any]
+    remote: str | None
+
+
+def record_audit(store: Store, now: datetime, key: str | None, action: str, target: str,
+                 detail: Mapping[str, Any], remote: str | None) -> None:
+    """Write one audit row in a transaction of its own."""
+    with store.transaction(now) as tx:
+        store._run("insert_audit", {
+            "at": tx.now, "key": key, "action": action, "target": target,
+            "detail": canonical_json(dict(detail)), "remote": remote})
+
+
+def page_audit(
+    store: Store, *, action: str | None = None, key: str | None = None,
+    target: str | None = None, since: str | None = None, until: str | None = None,
+    limit: int = 100, offset: int = 0,
+) -> tuple[list[AuditEntry], int]:
+    """One page of the audit log, newest first, and the number of all matches
+    (``target``: text found in the target or the detail, e.g. a run id)."""
+    if target is not None:
+        target = target.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    params = {"action": action, "key": key, "target": target, "since": since, "until": until}
+    with store._lock:
+        rows = store._run("page_audit", {**params, "limit": limit, "offset": offset}).fetchall()
+        (total,) = store._run("count_audit", params).fetchone()
+    return [AuditEntry(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6])
+            for row in rows], int(total)
+
+
+def purge_audit(store: Store, now: datetime, before: str) -> int:
+    """Delete audit rows older than ``before``; returns how many."""
+    with store.transaction(now):
+        return int(store._run("purge_audit", {"before": before}).rowcount)
+
+
+def use_incremental_vacuum(store: Store) -> bool:
+    """Make the file one that can give free pages back (``auto_vacuum=INCREMENTAL``).
+
+    SQLite switches an existing file only by rewriting it with ``VACUUM``, which cannot
+    run inside a transaction, so this is not a migration: the daemon calls it once on
+    start, before anything else writes. A file already switched costs one PRAGMA read.
+    Returns whether the file was rewritten.
+    """
+    with store._lock:
+        (mode,) = store._run("auto_vacuum_mode").fetchone()
+        if mode == 2:
+            return False
+        store._run("set_incremental_auto_vacuum")
+        store._run("vacuum")
+    return True
+
+
+def reclaim_space(store: Store) -> int:
+    """Give the free pages (left by a purge) back to the file system; returns how many."""
+    with store._lock:
+        (free,) = store._run("freelist_count").fetchone()
+        if free:
+            # run to completion: through execute(), Python's sqlite3 steps it once (a page)
+            try:
+                store._db.executescript(store._queries["incremental_vacuum"])
+            except sqlite3.Error as exc:
+                raise StoreError(f"state file {store.path}: incremental_vacuum failed: {exc}"
+                                 ) from exc
+    return int(free)
+
+
+def state_file_bytes(store: Store) -> int:
+    """The state file and its write-ahead log, in bytes."""
+    total = 0
+    for path in (store.path, store.path + "-wal"):
+        try:
+            total += os.path.getsize(path)
+        except OSError:
+            pass  # no log right after a checkpoint
+    return total
+
+
+class RunTimes(NamedTuple):
+    """Of one run, what the metrics collector observes."""
+
+    type: str
+    lateness: float | None
+    """Seconds from its scheduled time to its first start; None if it never started."""
+    attempts: dict[int, float]
+    """Seconds each finished attempt ran, by attempt number."""
+
+
+def metric_runs(store: Store, run_ids: Iterable[str]) -> dict[str, RunTimes]:
+    """:class:`RunTimes` of the runs (by id) that are still stored."""
+    with store._lock:
+        rows = store._run("metric_runs", {"ids": json.dumps(list(run_ids))}).fetchall()
+    found: dict[str, RunTimes] = {}
+    for run_id, type_, lateness, attempt, seconds in rows:
+        times = found.setdefault(run_id, RunTimes(type_, lateness, {}))
+        if attempt is not None and seconds is not None:
+            times.attempts[attempt] = seconds
+    return found
+
+
+def queue_depth(store: Store) -> dict[int, int]:
+    """Queued runs by priority."""
+    with store._lock:
+        return dict(store._run("metric_queue_depth").fetchall())
+
+
+def job_state_counts(store: Store) -> dict[str, int]:
+    """Jobs by state: suspended, running, waiting, done."""
+    with store._lock:
+        return dict(store._run("metric_job_states").fetchall())

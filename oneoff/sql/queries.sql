@@ -340,3 +340,82 @@ SELECT coalesce(max(seq), 0) FROM events;
 
 -- name: update_object_status
 UPDATE objects SET status = :status WHERE uid = :uid;
+
+-- --- audit log and metrics (oneoff.metrics, GET /api/v1/audit) -----------------------
+
+-- name: insert_audit
+INSERT INTO audit (at, key, action, target, detail, remote)
+VALUES (:at, :key, :action, :target, :detail, :remote);
+
+-- name: page_audit
+-- Newest first; every filter optional (NULL: not filtered); :target is text found in the
+-- target or the detail (a run id finds its run, its cancel, its job's cancel).
+SELECT seq, at, key, action, target, detail, remote FROM audit
+WHERE (:action IS NULL OR action = :action)
+  AND (:key IS NULL OR key = :key)
+  AND (:target IS NULL OR target LIKE '%' || :target || '%' ESCAPE '\'
+       OR detail LIKE '%' || :target || '%' ESCAPE '\')
+  AND (:since IS NULL OR at >= :since)
+  AND (:until IS NULL OR at < :until)
+ORDER BY seq DESC LIMIT :limit OFFSET :offset;
+
+-- name: count_audit
+SELECT COUNT(*) FROM audit
+WHERE (:action IS NULL OR action = :action)
+  AND (:key IS NULL OR key = :key)
+  AND (:target IS NULL OR target LIKE '%' || :target || '%' ESCAPE '\'
+       OR detail LIKE '%' || :target || '%' ESCAPE '\')
+  AND (:since IS NULL OR at >= :since)
+  AND (:until IS NULL OR at < :until);
+
+-- name: purge_audit
+DELETE FROM audit WHERE at < :before;
+
+-- name: metric_runs
+-- What the metrics collector needs of the runs a batch of events names: the executor type,
+-- the seconds from the slot's time to the first start (lateness), and per attempt, the
+-- seconds it ran (the first attempt from its real start: it may be claimed a few ms early).
+-- Instants are stored to the millisecond; julianday() is exact to ~50 us, hence round(, 3).
+SELECT e.id, e.type,
+       round((julianday(e.started_at) - julianday(e.scheduled_at)) * 86400.0, 3),
+       a.attempt,
+       round((julianday(a.finished_at)
+              - julianday(CASE WHEN a.attempt = 1 THEN e.started_at ELSE a.started_at END))
+             * 86400.0, 3)
+FROM executions e LEFT JOIN attempts a ON a.execution_id = e.id
+WHERE e.id IN (SELECT value FROM json_each(:ids));
+
+-- name: metric_queue_depth
+SELECT priority, COUNT(*) FROM executions INDEXED BY executions_queue
+WHERE status = 'queued' GROUP BY priority;
+
+-- name: metric_job_states
+-- Every job in one state: suspended, running (a run is running), waiting (a run is pending
+-- or queued), done (nothing left to run).
+SELECT state, COUNT(*) FROM (
+  SELECT CASE
+    WHEN json_extract(o.spec, '$.suspend') = 1 THEN 'suspended'
+    WHEN EXISTS (SELECT 1 FROM executions e
+                 WHERE e.job_uid = o.uid AND e.status = 'running') THEN 'running'
+    WHEN EXISTS (SELECT 1 FROM executions e
+                 WHERE e.job_uid = o.uid AND e.status IN ('pending', 'queued')) THEN 'waiting'
+    ELSE 'done' END AS state
+  FROM objects o WHERE o.kind = 'Job')
+GROUP BY state;
+
+-- name: auto_vacuum_mode
+PRAGMA auto_vacuum;
+
+-- name: set_incremental_auto_vacuum
+-- Takes effect on a file with tables only through the VACUUM that follows it.
+PRAGMA auto_vacuum = INCREMENTAL;
+
+-- name: vacuum
+VACUUM;
+
+-- name: freelist_count
+PRAGMA freelist_count;
+
+-- name: incremental_vacuum
+-- Hands every free page back to the file system (the file shrinks at the next checkpoint).
+PRAGMA incremental_vacuum;
