@@ -698,9 +698,15 @@ def _write_audit(store: Store, who: Principal, action: str, target: str,
     """Log a mutating action and record it in the audit log, right after it happened.
     A failed write is logged, not raised: the action itself is done."""
     remote = _remote.get()
+    kind, _, name = target.partition(" ")
+    about = ({"run_id": name} if kind == "run" else
+             dict(zip(("namespace", "job"), name.split("/", 1), strict=False))
+             if kind == "Job" else {})
+    if "run" in detail:
+        about["run_id"] = detail["run"]
     log.info("%s %s by %s", action, target, who.name or "anonymous",
              extra={"action": "audit", "audit_action": action, "target": target,
-                    "key": who.name, "remote": remote, **detail})
+                    "key": who.name, "remote": remote, **about, **detail})
     try:
         record_audit(store, datetime.now(UTC), who.name, action, target, detail, remote)
     except StoreError as exc:

@@ -134,6 +134,7 @@ class Daemon:
                 await pool.shutdown(settings.shutdown_grace_seconds)
                 await http.aclose()
                 docker.close()
+                metrics.close()
         log.info("stopped", extra={"action": "stop"})
 
     async def _start_api(

@@ -4,13 +4,15 @@ Built by the daemon (one :class:`Metrics` per process, over a registry of its ow
 served by the API at ``/metrics``. It sits beside the scheduler and the worker pool and
 never hooks their hot paths: every execution transition is already one row of the event
 log, written in the transaction of the change, so the counters and histograms of runs
-come from tailing that log (:meth:`Store.events_for`) from the last ``seq`` seen — on
+come from tailing that log (:func:`store.metric_events`) from the last ``seq`` seen — on
 every scrape, and every few seconds by :meth:`Metrics.run`. A process starts at the log's
 end, with counters at zero, as Prometheus expects of a restarted process (``rate()`` and
 ``increase()`` handle the reset).
 
 Gauges (queue depth, jobs by state, busy and idle workers, the state file's size) are
-read from the store and the pool at scrape time. Reconcile passes and purges reach it
+read from the store and the pool at scrape time. Every read goes through a read-only
+connection of its own (WAL readers never block the writer), so a scrape of 100,000 jobs
+never holds the lock the scheduler and the workers write under. Reconcile passes and purges reach it
 through the daemon's callbacks (:meth:`observe_reconcile`, :meth:`observe_purge`), API
 requests through :class:`ApiRequests`, an ASGI middleware that labels a request with its
 route template, never its raw path.
@@ -48,10 +50,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from oneoff.records import RunStatus
 from oneoff.store import (
-    Event,
+    MetricEvent,
     Store,
     job_state_counts,
-    metric_runs,
+    metric_events,
     queue_depth,
     state_file_bytes,
 )
@@ -74,7 +76,8 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                     3600, 7200, 21600)
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-TAIL_BATCH = 1000
+TAIL_BATCH = 5000
+"""Event seqs read per query."""
 TAIL_SECONDS = 5.0
 
 
@@ -85,7 +88,8 @@ def source_label(source: str) -> str:
 
 
 class Metrics:
-    """Every OneOff metric, over one store; thread-safe (scrapes run in a thread pool)."""
+    """Every OneOff metric, over one store; thread-safe (scrapes run in a thread pool).
+    :meth:`close` it (it holds a read-only connection to the state file)."""
 
     def __init__(
         self,
@@ -95,12 +99,13 @@ class Metrics:
         version: str | None = None,
     ) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
-        self.store = store
+        self.store = Store(store.path, readonly=True)
+        """Its own read-only connection to the state file."""
         self.workers = workers
         """(busy, pool size) of the worker pool."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
-        self._seq = store.last_event_seq()
+        self._seq = self.store.last_event_seq()
         self._seen_types: set[tuple[str, str]] = set()
         r = self.registry
         self.executions = Counter(
@@ -148,52 +153,50 @@ class Metrics:
             self.purged.labels(what)
         r.register(_Gauges(self))
 
+    def close(self) -> None:
+        self.store.close()
+
     # --- the event log -------------------------------------------------------------
 
     def tail(self) -> int:
-        """Count the events written since the last call; returns how many were read."""
-        read = 0
+        """Count the events written since the last call; returns the rows counted."""
+        counted = 0
         with self._lock:
-            while True:
-                batch = self.store.events_for(self._seq, limit=TAIL_BATCH)
-                if not batch:
-                    return read
-                self._observe(batch)
-                self._seq = batch[-1].seq
-                read += len(batch)
-                if len(batch) < TAIL_BATCH:
-                    return read
+            last = self.store.last_event_seq()
+            while self._seq < last:
+                upto = min(self._seq + TAIL_BATCH, last)
+                events = metric_events(self.store, self._seq, upto)
+                self._observe(events)
+                counted += len(events)
+                self._seq = upto
+        return counted
 
-    def _observe(self, events: list[Event]) -> None:
-        runs = [e for e in events if e.type.startswith("execution.") and e.uid]
-        times = metric_runs(self.store, {e.uid for e in runs if e.uid}) if runs else {}
-        for event in runs:
-            status = event.type.removeprefix("execution.")
-            found = times.get(event.uid or "")
-            type_ = found.type if found else "unknown"
-            attempt = event.data.get("attempt")
-            if status == "running":
-                if attempt == 1 and found is not None and found.lateness is not None:
-                    self.lateness.observe(max(found.lateness, 0.0))
-                continue
-            if isinstance(attempt, int) and found is not None and attempt in found.attempts:
-                self.duration.labels(type_).observe(max(found.attempts[attempt], 0.0))
-            if status == "retrying":
-                if isinstance(attempt, int):
-                    self.retries.labels(type_).inc()
-                continue
-            if status not in FINAL_STATUSES or event.key is None:
-                continue
-            self._known(event.key.namespace, type_)
-            self.executions.labels(event.key.namespace, type_, status).inc()
-            if status == RunStatus.MISSED:
-                self.missed.inc()
-            elif status == RunStatus.LOST:
-                self.lost.inc()
+    def _observe(self, events: list[MetricEvent]) -> None:
         for event in events:
             if event.type.startswith("delivery."):
                 result = event.type.removeprefix("delivery.")
                 self.deliveries.labels(result if result in DELIVERY_RESULTS else "other").inc()
+                continue
+            status = event.type.removeprefix("execution.")
+            type_ = event.run_type or "unknown"
+            if status == "running":
+                if event.attempt == 1 and event.lateness is not None:
+                    self.lateness.observe(max(event.lateness, 0.0))
+                continue
+            if event.seconds is not None:  # the end of an attempt that ran
+                self.duration.labels(type_).observe(max(event.seconds, 0.0))
+            if status == "retrying":
+                if event.attempt is not None:  # not an idempotent job's lost run
+                    self.retries.labels(type_).inc()
+                continue
+            if event.namespace is None:
+                continue
+            self._known(event.namespace, type_)
+            self.executions.labels(event.namespace, type_, status).inc()
+            if status == RunStatus.MISSED:
+                self.missed.inc()
+            elif status == RunStatus.LOST:
+                self.lost.inc()
 
     def _known(self, namespace: str, type_: str) -> None:
         """Every status of a (namespace, type) exists from its first run on, at zero, so

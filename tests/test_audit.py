@@ -204,4 +204,8 @@ def test_a_new_user_finds_who_cancelled_a_run(tmp_path: Path,
     assert abs(time.time() - time.mktime(time.strptime(at[:19], "%Y-%m-%dT%H:%M:%S"))
                + time.timezone) < 120
     assert server.logged(lambda line: line.get("action") == "audit"
-                         and line.get("key") == "alice" and line.get("audit_action") == "cancel")
+                         and line.get("key") == "alice" and line.get("audit_action") == "cancel"
+                         and line.get("run_id") == run_id and line.get("remote") == "127.0.0.1")
+    assert server.logged(lambda line: line.get("audit_action") == "run"
+                         and line.get("job") == "sleeper" and line.get("namespace") == "default"
+                         and line.get("run_id") == run_id)

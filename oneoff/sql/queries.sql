@@ -371,19 +371,27 @@ WHERE (:action IS NULL OR action = :action)
 -- name: purge_audit
 DELETE FROM audit WHERE at < :before;
 
--- name: metric_runs
--- What the metrics collector needs of the runs a batch of events names: the executor type,
--- the seconds from the slot's time to the first start (lateness), and per attempt, the
--- seconds it ran (the first attempt from its real start: it may be claimed a few ms early).
--- Instants are stored to the millisecond; julianday() is exact to ~50 us, hence round(, 3).
-SELECT e.id, e.type,
+-- name: metric_events
+-- The events of (:after, :upto] the metrics collector counts, each with what it needs of
+-- its run: the executor type, the seconds from the slot's time to the first start
+-- (lateness), and the seconds the event's attempt ran (the first attempt from its real
+-- start: it may be claimed a few ms early). Instants are stored to the millisecond and
+-- julianday() is exact to ~50 us, hence round(, 3). Runs purged since have NULLs.
+SELECT ev.type, ev.namespace, json_extract(ev.data, '$.attempt'), e.type,
        round((julianday(e.started_at) - julianday(e.scheduled_at)) * 86400.0, 3),
-       a.attempt,
        round((julianday(a.finished_at)
               - julianday(CASE WHEN a.attempt = 1 THEN e.started_at ELSE a.started_at END))
              * 86400.0, 3)
-FROM executions e LEFT JOIN attempts a ON a.execution_id = e.id
-WHERE e.id IN (SELECT value FROM json_each(:ids));
+FROM events ev
+LEFT JOIN executions e ON e.id = ev.uid
+LEFT JOIN attempts a ON a.execution_id = ev.uid
+                    AND a.attempt = json_extract(ev.data, '$.attempt')
+WHERE ev.seq > :after AND ev.seq <= :upto
+  AND (ev.type IN ('execution.running', 'execution.retrying', 'execution.succeeded',
+                   'execution.failed', 'execution.timed_out', 'execution.cancelled',
+                   'execution.missed', 'execution.skipped', 'execution.lost')
+       OR ev.type LIKE 'delivery.%')
+ORDER BY ev.seq;
 
 -- name: metric_queue_depth
 SELECT priority, COUNT(*) FROM executions INDEXED BY executions_queue
