@@ -69,6 +69,7 @@ from oneoff.store import (
     OBJECT_ORDERS,
     Event,
     Store,
+    Transaction,
     job_status_extra,
     job_status_extras,
     page_audit,
@@ -168,7 +169,7 @@ def create_app(
         app.add_middleware(ApiRequests, metrics=metrics)
     _install_problem_handlers(app)
 
-    def principal(request: Request) -> Principal:
+    def authenticate(request: Request) -> Principal:
         for name in request.query_params:
             if name.lower() in QUERY_KEY_NAMES:
                 raise UsageError(
@@ -178,6 +179,11 @@ def create_app(
         who = keyring.authenticate(request.headers.get("authorization"))
         request.state.principal = who
         return who
+
+    async def principal(request: Request) -> Principal:
+        # async: the key check is a few small reads, done on the event loop unless another
+        # thread holds the store (Store.call), which saves a hop to a worker thread
+        return await store.call(lambda: authenticate(request))
 
     Who = Annotated[Principal, Depends(principal)]
 
@@ -207,7 +213,7 @@ def create_app(
         def prometheus_metrics(request: Request) -> Response:
             """Prometheus metrics (text exposition format)."""
             if metrics_auth:
-                principal(request).require(KeyScope.READ)
+                authenticate(request).require(KeyScope.READ)
             return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     # --- who am I, sources, audit, events (before /{kind}, which would match them) ---
@@ -271,7 +277,7 @@ def create_app(
         last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,18}$")] = None,
     ) -> EventSourceResponse:
         """Execution and object changes as they happen (for live UIs and ``logs -f``)."""
-        who = await run_in_threadpool(principal, request)
+        who = await principal(request)
         who.require(KeyScope.READ)
         start = int(last_event_id) if last_event_id else after
         if start is None:
@@ -327,7 +333,7 @@ def create_app(
     ) -> dict[str, Any]:
         """Apply multi-document YAML or a JSON list, with the reconciler's plan and safety
         rules. All or nothing: any invalid document or conflict applies none of them."""
-        who = await run_in_threadpool(principal, request)
+        who = await principal(request)
         who.require(KeyScope.WRITE)
         body = await request.body()
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -443,7 +449,7 @@ def create_app(
     ) -> StreamingResponse | PlainTextResponse:
         """The captured output (stdout and stderr interleaved; HTTP: status, headers, body).
         ``follow=true`` streams it while the run is active and ends when it is final."""
-        who = await run_in_threadpool(principal, request)
+        who = await principal(request)
         who.require(KeyScope.READ)
         run, _ = await run_in_threadpool(_execution, who, run_id)
         if not follow or run.status.final:
@@ -497,25 +503,34 @@ def create_app(
     @app.post("/api/v1/namespaces/{ns}/jobs/{name}/run", operation_id="runJob",
               tags=["jobs"], status_code=201,
               responses={409: {"description": "the overlap policy refuses another run"}})
-    def run_job(who: Who, ns: Namespace, name: Name) -> dict[str, Any]:
+    async def run_job(who: Who, ns: Namespace, name: Name) -> dict[str, Any]:
         """Run the job now (an ad-hoc run); its overlapPolicy decides beside active runs."""
+        remote = _remote.get()
+        return await store.call(lambda: _run_job(who, ns, name, remote))
+
+    def _run_job(who: Principal, ns: str, name: str, remote: str | None) -> dict[str, Any]:
         job = _job(who, ns, name, KeyScope.RUN)
         policy = job.spec.get("overlapPolicy", OverlapPolicy.SKIP.value)
-        active, _ = store.page_executions(namespace=ns, job=name, statuses=["queued", "running"],
-                                          limit=10, count=False)
-        active = [run for run in active if run.job_uid == job.uid]
-        if active and policy == OverlapPolicy.SKIP.value:
-            raise Conflict(f"run {active[0].id} of Job {ns}/{name} is still "
-                           f"{active[0].status} and its overlapPolicy is Skip")
-        if policy == OverlapPolicy.BUFFER_ONE.value and any(
-                run.status is RunStatus.QUEUED for run in active):
-            raise Conflict(f"Job {ns}/{name} already has a run waiting and its "
-                           "overlapPolicy is BufferOne")
-        run_id = scheduler.run_now(job)
-        if run_id is None:
-            raise Conflict(f"Job {ns}/{name} got a run at this same instant; try again")
+        if policy in (OverlapPolicy.SKIP.value, OverlapPolicy.BUFFER_ONE.value):
+            active, _ = store.page_executions(namespace=ns, job=name,
+                                              statuses=["queued", "running"], limit=10,
+                                              count=False)
+            active = [run for run in active if run.job_uid == job.uid]
+            if active and policy == OverlapPolicy.SKIP.value:
+                raise Conflict(f"run {active[0].id} of Job {ns}/{name} is still "
+                               f"{active[0].status} and its overlapPolicy is Skip")
+            if policy == OverlapPolicy.BUFFER_ONE.value and any(
+                    run.status is RunStatus.QUEUED for run in active):
+                raise Conflict(f"Job {ns}/{name} already has a run waiting and its "
+                               "overlapPolicy is BufferOne")
+        target = f"Job {ns}/{name}"
+
+        def audit(tx: Transaction, run_id: str) -> None:
+            tx.audit(who.name, "run", target, {"run": run_id}, remote)
+
+        run_id = scheduler.run_now(job, also=audit)
+        _log_audit(who, "run", target, {"run": run_id})
         run, attempts = _execution(who, run_id)
-        _audit(who, "run", f"Job {ns}/{name}", run=run_id)
         return execution_document(run, attempts)
 
     @app.post("/api/v1/namespaces/{ns}/jobs/{name}/cancel", operation_id="cancelJobRuns",
@@ -697,6 +712,17 @@ def _write_audit(store: Store, who: Principal, action: str, target: str,
                  detail: dict[str, Any]) -> None:
     """Log a mutating action and record it in the audit log, right after it happened.
     A failed write is logged, not raised: the action itself is done."""
+    remote = _log_audit(who, action, target, detail)
+    try:
+        record_audit(store, datetime.now(UTC), who.name, action, target, detail, remote)
+    except StoreError as exc:
+        log.error("cannot record %s %s in the audit log: %s", action, target, exc,
+                  extra={"action": "audit", "audit_action": action, "target": target})
+
+
+def _log_audit(who: Principal, action: str, target: str, detail: dict[str, Any]) -> str | None:
+    """The log line of an audited action (with job, namespace and run_id where it names
+    them); returns the client address it was made from."""
     remote = _remote.get()
     kind, _, name = target.partition(" ")
     about = ({"run_id": name} if kind == "run" else
@@ -707,11 +733,7 @@ def _write_audit(store: Store, who: Principal, action: str, target: str,
     log.info("%s %s by %s", action, target, who.name or "anonymous",
              extra={"action": "audit", "audit_action": action, "target": target,
                     "key": who.name, "remote": remote, **about, **detail})
-    try:
-        record_audit(store, datetime.now(UTC), who.name, action, target, detail, remote)
-    except StoreError as exc:
-        log.error("cannot record %s %s in the audit log: %s", action, target, exc,
-                  extra={"action": "audit", "audit_action": action, "target": target})
+    return remote
 
 
 # --- errors as problem+json --------------------------------------------------------------

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from oneoff import triggers
+from oneoff.errors import StoreError
 from oneoff.manifests import RUN_REQUESTED_ANNOTATION, JobSpec, OverlapPolicy
 from oneoff.records import RunStatus, Stored, isoformat, utcnow
 from oneoff.store import Dispatch, JobState, Store, Transaction
@@ -33,6 +34,9 @@ FAR_FUTURE = "9999-12-31T00:00:00.000Z"
 CLAIM_AHEAD = timedelta(milliseconds=5)
 """Runs are claimed this much before their time and their worker waits for it: the
 claim's write is done when the moment comes, so the start is on time."""
+
+AD_HOC_SHIFTS = 1000
+"""Milliseconds an ad-hoc run may move forward to find a slot no other run of its job holds."""
 
 LONG_SLEEP = 0.05
 EARLY_WAKE = 0.01
@@ -179,14 +183,28 @@ class Scheduler:
         tx.set_job_state(replace(state, generation=job.generation))
         return created
 
-    def run_now(self, job: Stored, reason: str = "manual") -> str | None:
-        """An ad-hoc run of ``job``, due now (``oneoff run``); honours overlapPolicy."""
+    def run_now(self, job: Stored, reason: str = "manual",
+                also: Callable[[Transaction, str], None] | None = None) -> str:
+        """An ad-hoc run of ``job``, due now (``oneoff run``); the caller has checked its
+        overlapPolicy. ``also`` writes more (the audit row) in the same transaction.
+
+        An ad-hoc run has no slot of its own: when another run of the job already holds
+        this millisecond (two requests at once), it takes the next free one."""
         now = self.clock()
         spec = self._spec(job)
         deadline = timedelta(seconds=spec.starting_deadline_seconds)
         with self.store.transaction(now) as tx:
-            run_id = tx.add_run(job, isoformat(now), isoformat(now),
-                                isoformat(now + deadline), reason)
+            for shift in range(AD_HOC_SHIFTS):
+                at = now + timedelta(milliseconds=shift)
+                run_id = tx.add_run(job, isoformat(at), isoformat(at),
+                                    isoformat(at + deadline), reason)
+                if run_id is not None:
+                    break
+            else:
+                raise StoreError(f"no free slot for an ad-hoc run of {job.key} within "
+                                 f"{AD_HOC_SHIFTS} ms of {isoformat(now)}")
+            if also is not None:
+                also(tx, run_id)
         self.wake()
         return run_id
 

@@ -556,6 +556,13 @@ class Transaction:
             },
         )
 
+    def audit(self, key: str | None, action: str, target: str, detail: Mapping[str, Any],
+              remote: str | None) -> None:
+        """One audit row, landing with the change it records."""
+        self._store._run("insert_audit", {
+            "at": self.now, "key": key, "action": action, "target": target,
+            "detail": canonical_json(dict(detail)), "remote": remote})
+
     def event(
         self, type_: str, key: ObjectKey | None, uid: str | None, data: dict[str, Any]
     ) -> None:
@@ -966,9 +973,7 @@ def record_audit(store: Store, now: datetime, key: str | None, action: str, targ
                  detail: Mapping[str, Any], remote: str | None) -> None:
     """Write one audit row in a transaction of its own."""
     with store.transaction(now) as tx:
-        store._run("insert_audit", {
-            "at": tx.now, "key": key, "action": action, "target": target,
-            "detail": canonical_json(dict(detail)), "remote": remote})
+        tx.audit(key, action, target, detail, remote)
 
 
 def page_audit(

@@ -427,3 +427,16 @@ def test_cancelled_and_succeeded_runs_are_never_retried() -> None:
 def test_active_deadline_beats_retries() -> None:
     decision = decide_retry(RunStatus.TIMED_OUT, 1, retry_policy(), 55, 60)
     assert not decision.retry and "activeDeadlineSeconds" in decision.reason
+
+
+def test_two_ad_hoc_runs_in_the_same_millisecond_both_run(h: Harness) -> None:
+    h.apply("ping", job("ping", "{at: '2030-01-01T00:00:00Z'}", "  overlapPolicy: AllowAll\n"))
+    stored = h.store.objects("Job")[0]
+    first = h.scheduler.run_now(stored)
+    second = h.scheduler.run_now(stored)  # the fake clock has not moved
+    assert first != second
+    slots = sorted(datetime.fromisoformat(run.scheduled_at)
+                   for run in h.store.executions("default", "ping") if run.id in (first, second))
+    assert slots[1] - slots[0] == timedelta(milliseconds=1)
+    tick(h)
+    assert sorted(item.run.id for item in h.dispatched) == sorted([first, second])
