@@ -318,7 +318,9 @@ def create_app(
             "application/json": {"schema": {"type": "array", "items": {"type": "object"}},
                                  "example": [JOB_EXAMPLE]},
         }}},
-        responses={409: {"description": "owned by another source, or a refused prune"},
+        responses={200: {"description": "the plan, and whether it was applied",
+                         "content": {"application/json": {"schema": {"type": "object"}}}},
+                   409: {"description": "owned by another source, or a refused prune"},
                    422: {"description": "a document is invalid"}},
     )
     async def apply(
@@ -330,16 +332,17 @@ def create_app(
                                             max_length=63)] = "api",
         file: Annotated[str | None, Header(alias="X-OneOff-File", max_length=300,
                                            pattern=r"^[^\x00-\x1f]*$")] = None,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Apply multi-document YAML or a JSON list, with the reconciler's plan and safety
         rules. All or nothing: any invalid document or conflict applies none of them."""
         who = await principal(request)
         who.require(KeyScope.WRITE)
         body = await request.body()
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        return await run_in_threadpool(
+        # rendered here: FastAPI's generic encoder would walk a 10,000-change plan again
+        return JSONResponse(await run_in_threadpool(
             _apply, who, body, media, file or "request", f"api:{field_manager}",
-            dry_run, prune, force)
+            dry_run, prune, force))
 
     def _apply(who: Principal, body: bytes, media: str, origin: str, source: str,
                dry_run: bool, prune: bool, force: bool) -> dict[str, Any]:

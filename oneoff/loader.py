@@ -816,18 +816,19 @@ def load_documents(documents: list[Any], origin: str) -> LoadResult:
             continue
         kind = document.get("kind")
         model = KINDS.get(kind) if isinstance(kind, str) else None
-        key = _key_of(document)
         if model is None:
             message = (
                 "missing 'kind'" if kind is None else f"unknown kind {kind!r}"
             ) + f"; expected one of {', '.join(KINDS)}"
             result.issues.append(Issue(where, message, field="kind"))
             continue
+        if "status" in document:  # the server's, never read from a request
+            document = {k: v for k, v in document.items() if k != "status"}
         try:
-            obj = model.model_validate({k: v for k, v in document.items() if k != "status"})
+            obj = model.model_validate(document)
         except ValidationError as exc:
             result.issues.extend(_plain_issues(where, document, model, exc.errors()))
-            if key is not None:
+            if (key := _key_of(document)) is not None:
                 result.failed_keys.add(key)
             continue
         meta = obj.metadata

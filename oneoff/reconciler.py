@@ -202,8 +202,10 @@ class Reconciler:
         return message
 
     def _write_changes(self, tx: Transaction, the_plan: Plan, now: datetime) -> None:
+        created: dict[str, dict[str, object]] = {}  # one status per location message
         tx.create_many(
-            [(change.desired, _ready(change, {}, 1, now))
+            [(change.desired, created.get(change.desired.location)
+              or created.setdefault(change.desired.location, _ready(change, {}, 1, now)))
              for change in the_plan.of(Action.CREATE) if change.desired],
             the_plan.source,
         )

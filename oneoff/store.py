@@ -497,10 +497,11 @@ class Transaction:
         if objects:
             self._objects_changed()
         uids = [str(uuid.uuid4()) for _ in objects]
+        encoded: dict[int, str] = {}  # new objects mostly share one status: encode it once
         try:
             db = self._store._db
             db.executemany(self._store._queries["insert_object"], [
-                {**_object_params(desired, source, self.now, status), "uid": uid}
+                {**_object_params(desired, source, self.now, status, encoded), "uid": uid}
                 for (desired, status), uid in zip(objects, uids, strict=True)
             ])
             data = canonical_json({"source": source, "generation": 1})
@@ -917,8 +918,14 @@ def _execution(row: tuple[Any, ...], output: str | None = None) -> Execution:
 
 
 def _object_params(
-    desired: Desired, source: str, now: str, status: dict[str, Any]
+    desired: Desired, source: str, now: str, status: dict[str, Any],
+    encoded: dict[int, str] | None = None,
 ) -> dict[str, Any]:
+    """Parameters of an object row; ``encoded`` caches status texts by id(status)."""
+    if encoded is None:
+        status_json = canonical_json(status)
+    elif (status_json := encoded.get(id(status), "")) == "":
+        status_json = encoded[id(status)] = canonical_json(status)
     return {
         "kind": desired.key.kind,
         "namespace": desired.key.namespace,
@@ -930,7 +937,7 @@ def _object_params(
         "file": desired.file,
         "line": desired.line,
         "now": now,
-        "status": canonical_json(status),
+        "status": status_json,
     }
 
 
