@@ -231,9 +231,9 @@ class HttpExecutor(Model):
     """Absolute http:// or https:// URL."""
     method: HttpMethod = HttpMethod.GET
     """HTTP method."""
-    headers: dict[str, EnvValue] = {}
+    headers: dict[str, EnvValue] = Field(default_factory=dict)
     """Request headers; secrets through ``valueFrom``."""
-    query: dict[str, str] = {}
+    query: dict[str, str] = Field(default_factory=dict)
     """Query parameters added to the URL."""
     body: str | None = None
     """A raw request body (exclusive with ``json``)."""
@@ -262,7 +262,7 @@ class ShellExecutor(Model):
     """An argv list run without a shell (exclusive with ``script``)."""
     shell: str = "/bin/sh"
     """The interpreter for ``script``."""
-    env: EnvMap = {}
+    env: EnvMap = Field(default_factory=dict)
     """Environment variables added for this process."""
     working_dir: str | None = None
     """Working directory of the process."""
@@ -303,7 +303,7 @@ class DockerExecutor(Model):
     """Overrides the image's entrypoint."""
     args: list[str] | None = None
     """Overrides the image's command (arguments to the entrypoint)."""
-    env: EnvMap = {}
+    env: EnvMap = Field(default_factory=dict)
     """Environment variables of the container."""
     working_dir: str | None = None
     """Working directory inside the container."""
@@ -330,7 +330,7 @@ class KubernetesExecutor(Model):
     """Container entrypoint for the ``image`` shorthand."""
     args: list[str] | None = None
     """Container arguments for the ``image`` shorthand."""
-    env: EnvMap = {}
+    env: EnvMap = Field(default_factory=dict)
     """Environment variables for the ``image`` shorthand."""
     template: dict[str, Any] | None = None
     """A full PodSpec (``spec`` of a pod template), exclusive with ``image``."""
@@ -359,9 +359,9 @@ class Metadata(Model):
     """DNS-1123 label, unique per kind and namespace."""
     namespace: DnsLabel = "default"
     """The project the object belongs to."""
-    labels: dict[LabelKey, LabelValue] = {}
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     """Tags; selectors (``-l team=billing``) filter on them."""
-    annotations: dict[str, str] = {}
+    annotations: dict[str, str] = Field(default_factory=dict)
     """Free-form notes; ``oneoff.dev/prune: disabled`` and ``oneoff.dev/run-requested-at``."""
 
 
@@ -388,7 +388,7 @@ class JobSpec(Model):
     """What a new run does while another run of this job is active."""
     history_limit: HistoryLimit = HistoryLimit()
     """How many finished executions are kept."""
-    env: EnvMap = {}
+    env: EnvMap = Field(default_factory=dict)
     """Environment for shell, docker and kubernetes jobs; secrets through ``valueFrom``."""
     http: HttpExecutor | None = None
     """Executor: send an HTTP request."""
@@ -485,9 +485,9 @@ class WebhookFormat(StrEnum):
 class Selector(Model):
     """Which objects' events a webhook receives; empty means all."""
 
-    namespaces: list[DnsLabel] = []
+    namespaces: list[DnsLabel] = Field(default_factory=list)
     """Only these namespaces (empty: all)."""
-    match_labels: dict[LabelKey, LabelValue] = {}
+    match_labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     """Only objects carrying all these labels."""
 
 
@@ -502,7 +502,7 @@ class WebhookSpec(Model):
     """Restrict to namespaces and labels."""
     secret_from: ValueSource | None = None
     """The ``whsec_…`` signing secret; deliveries are unsigned without it."""
-    headers: dict[str, EnvValue] = {}
+    headers: dict[str, EnvValue] = Field(default_factory=dict)
     """Extra request headers."""
     format: WebhookFormat = WebhookFormat.STANDARD
     """Body format: standard JSON, or a Slack / Discord message."""
