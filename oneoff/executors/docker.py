@@ -65,8 +65,10 @@ LABEL_ATTEMPT = "oneoff.dev/attempt"
 
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 
-OOM_CHECKS, OOM_CHECK_INTERVAL = 10, 0.05
-"""After exit code 137: how often, and how far apart, to look for the engine's OOM flag."""
+OOM_CHECKS, OOM_CHECK_INTERVAL = 40, 0.05
+"""After exit code 137: how often, and how far apart, to look for the engine's OOM flag
+(up to 2 s: on a busy machine the engine records it well after the exit; only a run that
+ended with SIGKILL waits, and only until the flag shows)."""
 
 _ENGINE_ERRORS = (DockerException, requests.RequestException)
 """What the SDK raises when the engine refuses a call or cannot be reached."""
@@ -377,8 +379,9 @@ class DockerRunner:
                         _reason(exc), extra={"action": "stop"})
 
     def _oom_killed(self, api: docker.APIClient, container: str) -> bool:
-        # The engine may record the OOM kill a few milliseconds after the exit it caused
-        # (seen up to 30 ms with Docker 20.10): look again for a moment.
+        # The engine may record the OOM kill after the exit it caused (seen up to 30 ms
+        # with Docker 20.10 on a quiet machine, over 0.5 s with both cores busy): look
+        # again for a moment.
         for _ in range(OOM_CHECKS):
             try:
                 if api.inspect_container(container)["State"].get("OOMKilled"):
