@@ -139,11 +139,37 @@ def _read(path: str) -> str:
         return handle.read()
 
 
-def cap_output(chunks: list[bytes], limit: int) -> tuple[str, bool]:
-    """Join captured bytes; ``truncated`` when the cap was hit (the caller stopped storing)."""
-    data = b"".join(chunks)
-    truncated = len(data) > limit
-    text = data[:limit].decode("utf-8", errors="replace")
-    if truncated:
-        text += TRUNCATION_MARK.format(limit=limit)
-    return text, truncated
+class CappedOutput:
+    """A run's captured output: the first ``limit + 1`` bytes (one more than is kept, to
+    see the overflow); the rest is dropped as it arrives, so a reader never has to stop
+    reading and a writer is never blocked on a full pipe."""
+
+    __slots__ = ("chunks", "limit", "room")
+
+    def __init__(self, limit: int) -> None:
+        self.chunks: list[bytes] = []
+        self.limit = limit
+        self.room = limit + 1
+
+    def add(self, data: bytes) -> bytes:
+        """Keep what fits of ``data``; returns the piece kept (``b""`` once full)."""
+        piece = data[: self.room]
+        if piece:
+            self.chunks.append(piece)
+            self.room -= len(piece)
+        return piece
+
+    @property
+    def full(self) -> bool:
+        """Past the cap: nothing more will be kept."""
+        return self.room == 0
+
+    def text(self) -> tuple[str, bool]:
+        """The output as text, and whether it was truncated (then it ends with
+        :data:`TRUNCATION_MARK`)."""
+        data = b"".join(self.chunks)
+        truncated = len(data) > self.limit
+        text = data[: self.limit].decode("utf-8", errors="replace")
+        if truncated:
+            text += TRUNCATION_MARK.format(limit=self.limit)
+        return text, truncated

@@ -45,11 +45,11 @@ from docker.utils import parse_repository_tag
 
 from oneoff.executors import (
     Cancelled,
+    CappedOutput,
     Outcome,
     OutcomeStatus,
     RunContext,
     ValueSourceError,
-    cap_output,
     resolve_env,
 )
 from oneoff.manifests import DockerExecutor, PullPolicy
@@ -80,29 +80,6 @@ _RUNTIME_NOISE = re.compile(r"^.*unable to start container process: |: unknown$"
 
 class _Failed(Exception):
     """A problem the user can act on; its message is the run's one-line error."""
-
-
-class _Capture:
-    """Output chunks as the reader thread gets them; beyond ``limit + 1`` bytes they are
-    dropped. Each kept piece also goes to ``on_output``, called on the event loop."""
-
-    def __init__(self, limit: int, on_output: Callable[[bytes], None] | None) -> None:
-        self.chunks: list[bytes] = []
-        self.limit = limit
-        self.room = limit + 1
-        self._on_output = on_output
-        self._loop = asyncio.get_running_loop()
-
-    def add(self, data: bytes) -> None:
-        if self.room:
-            piece = data[: self.room]
-            self.chunks.append(piece)
-            self.room -= len(piece)
-            if self._on_output is not None:
-                _deliver(self._loop, self._on_output, piece)
-
-    def text(self) -> tuple[str, bool]:
-        return cap_output(self.chunks, self.limit)
 
 
 class DockerRunner:
@@ -209,11 +186,14 @@ class DockerRunner:
         deadline: float | None,
     ) -> Outcome:
         loop = asyncio.get_running_loop()
-        capture = _Capture(ctx.output_limit, ctx.on_output)
+        capture = CappedOutput(ctx.output_limit)
+        on_output = ctx.on_output
+        deliver = (None if on_output is None  # read on a thread; handed over on the loop
+                   else functools.partial(_deliver, loop, on_output))
         # Attached before the start, so not a byte of output is missed.
         stream = await self._call(self._attach, api, container)
         try:
-            closed = _in_thread(functools.partial(_read, stream, capture),
+            closed = _in_thread(functools.partial(_read, stream, capture, deliver),
                                 f"oneoff-docker-output-{ctx.run_id}")
             await self._call(self._start, api, container)
             exited = _in_thread(functools.partial(api.wait, container, timeout=None),
@@ -444,11 +424,15 @@ def memory_bytes(text: str) -> int:
     return int(float(number) * _UNITS[(unit or "")[:1].lower()])
 
 
-def _read(stream: Iterable[bytes], capture: _Capture) -> None:
-    """Reads the attached output until the container's streams close."""
+def _read(stream: Iterable[bytes], capture: CappedOutput,
+          deliver: Callable[[bytes], None] | None) -> None:
+    """Reads the attached output until the container's streams close; each kept piece
+    also goes to ``deliver``."""
     try:
         for chunk in stream:
-            capture.add(chunk)
+            piece = capture.add(chunk)
+            if piece and deliver is not None:
+                deliver(piece)
     except Exception as exc:  # a broken stream ends the output, never the thread loudly
         log.debug("output stream ended: %s", exc, extra={"action": "run"})
 

@@ -28,11 +28,11 @@ import aiohttp
 from yarl import URL
 
 from oneoff.executors import (
+    CappedOutput,
     Outcome,
     OutcomeStatus,
     RunContext,
     ValueSourceError,
-    cap_output,
     resolve_env,
 )
 from oneoff.manifests import HttpExecutor
@@ -65,30 +65,6 @@ _IDENTITY = frozenset({"idempotency-key", "x-oneoff-attempt"})
 MAX_REDIRECTS = 20
 # aiohttp's default (8190 bytes) refuses a long Content-Security-Policy or Set-Cookie line.
 MAX_HEADER_LINE = 16 * 1024
-
-
-class _Capture:
-    """Keeps the first ``limit + 1`` bytes: enough for ``cap_output`` to see the overflow."""
-
-    __slots__ = ("chunks", "limit", "room")
-
-    def __init__(self, limit: int) -> None:
-        self.chunks: list[bytes] = []
-        self.limit = limit
-        self.room = limit + 1
-
-    def add(self, data: bytes) -> bool:
-        """Store ``data``; True once the cap is passed and reading may stop."""
-        if len(data) >= self.room:
-            self.chunks.append(data[: self.room])
-            self.room = 0
-            return True
-        self.chunks.append(data)
-        self.room -= len(data)
-        return False
-
-    def text(self) -> tuple[str, bool]:
-        return cap_output(self.chunks, self.limit)
 
 
 class HttpRunner:
@@ -154,7 +130,7 @@ class HttpRunner:
         headers["Idempotency-Key"] = ctx.run_id
         headers["X-OneOff-Attempt"] = str(ctx.attempt)
 
-        capture = _Capture(ctx.output_limit)
+        capture = CappedOutput(ctx.output_limit)
         status: int | None = None
         deadline = None if ctx.timeout is None else asyncio.timeout(ctx.timeout)
         try:
@@ -181,7 +157,8 @@ class HttpRunner:
                 capture.add(_head(response))
                 try:
                     async for chunk in response.content.iter_any():
-                        if capture.add(chunk):
+                        capture.add(chunk)
+                        if capture.full:
                             break
                 finally:
                     # A no-op once the body was read to its end (the connection is back in
@@ -297,14 +274,14 @@ def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
     return _one_line(root)
 
 
-def _timed_out(ctx: RunContext, status: int | None, capture: _Capture) -> Outcome:
+def _timed_out(ctx: RunContext, status: int | None, capture: CappedOutput) -> Outcome:
     output, truncated = capture.text()
     after = "" if ctx.timeout is None else f" after {ctx.timeout:g}s"
     return Outcome(OutcomeStatus.TIMED_OUT, http_status=status, output=output,
                    truncated=truncated, error=f"timed out{after}")
 
 
-def _failed(error: str, status: int | None, capture: _Capture) -> Outcome:
+def _failed(error: str, status: int | None, capture: CappedOutput) -> Outcome:
     output, truncated = capture.text()
     return Outcome(OutcomeStatus.FAILED, http_status=status, output=output,
                    truncated=truncated, error=error)

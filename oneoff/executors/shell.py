@@ -23,11 +23,11 @@ from collections.abc import Callable, Mapping
 
 from oneoff.executors import (
     Cancelled,
+    CappedOutput,
     Outcome,
     OutcomeStatus,
     RunContext,
     ValueSourceError,
-    cap_output,
     resolve_env,
 )
 from oneoff.manifests import ShellExecutor
@@ -48,20 +48,15 @@ class _Pipe(asyncio.SubprocessProtocol):
 
     def __init__(self, limit: int, loop: asyncio.AbstractEventLoop,
                  on_output: Callable[[bytes], None] | None = None) -> None:
-        self.chunks: list[bytes] = []
+        self.output = CappedOutput(limit)
         self.on_output = on_output
-        self.limit = limit
-        self.room = limit + 1
         self.exited: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if self.room:
-            piece = data[: self.room]
-            self.chunks.append(piece)
-            self.room -= len(piece)
-            if self.on_output is not None:
-                self.on_output(piece)
+        piece = self.output.add(data)
+        if piece and self.on_output is not None:
+            self.on_output(piece)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -137,7 +132,7 @@ class ShellRunner:
         except asyncio.CancelledError:
             await _stop(group, pipe, ctx.kill_grace)
             await asyncio.wait([pipe.closed], timeout=self.drain_timeout)
-            output, truncated = cap_output(pipe.chunks, pipe.limit)
+            output, truncated = pipe.output.text()
             raise Cancelled(Outcome(OutcomeStatus.FAILED, output=output,
                                     truncated=truncated)) from None
         if not done:
@@ -148,7 +143,7 @@ class ShellRunner:
         # a process that left the group holds the pipe: then stop waiting after a moment.
         await asyncio.wait([pipe.closed], timeout=self.drain_timeout)
 
-        output, truncated = cap_output(pipe.chunks, pipe.limit)
+        output, truncated = pipe.output.text()
         if not done:
             return Outcome(OutcomeStatus.TIMED_OUT, output=output, truncated=truncated,
                            error=f"timed out after {ctx.timeout:g}s")
