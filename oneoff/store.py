@@ -754,16 +754,8 @@ def _status_extra(first_seen: str | None, last: str | None, upcoming: str | None
 def job_status_extra(store: Store, job: Stored) -> dict[str, Any]:
     """When the scheduler first saw a job, its last and next run (``describe``, ``get -o``)."""
     last, upcoming = store.job_run_summary(job.uid)
-    extra: dict[str, Any] = {}
     state = store.job_states([job.uid]).get(job.uid)
-    if state is not None:
-        extra["firstSeenAt"] = state.first_seen_at
-    if last:
-        run_id, status, finished = [*last.split(" "), "", ""][:3]
-        extra["lastRun"] = {"id": run_id, "status": status, "finishedAt": finished}
-    if upcoming:
-        extra["nextRunAt"] = upcoming
-    return extra
+    return _status_extra(state.first_seen_at if state else None, last, upcoming)
 
 
 def new_run_id() -> str:
