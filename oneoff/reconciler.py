@@ -202,13 +202,17 @@ class Reconciler:
         return message
 
     def _write_changes(self, tx: Transaction, the_plan: Plan, now: datetime) -> None:
-        created: dict[str, dict[str, object]] = {}  # one status per location message
-        tx.create_many(
-            [(change.desired, created.get(change.desired.location)
-              or created.setdefault(change.desired.location, _ready(change, {}, 1, now)))
-             for change in the_plan.of(Action.CREATE) if change.desired],
-            the_plan.source,
-        )
+        # A new object's status says only where it was declared: objects sent as JSON
+        # (no file) share one, which the store then encodes once.
+        statuses: dict[str, dict[str, object]] = {}
+        creates = []
+        for change in the_plan.of(Action.CREATE):
+            if change.desired is not None:
+                location = change.desired.location
+                if location not in statuses:
+                    statuses[location] = _ready(change, {}, 1, now)
+                creates.append((change.desired, statuses[location]))
+        tx.create_many(creates, the_plan.source)
         for change in the_plan.changes:
             if change.action is Action.CREATE:
                 continue

@@ -483,7 +483,7 @@ class Transaction:
         self._store._run(
             "insert_object",
             {
-                **_object_params(desired, source, self.now, status),
+                **_object_params(desired, source, self.now, canonical_json(status)),
                 "uid": uid,
             },
         )
@@ -498,12 +498,14 @@ class Transaction:
             self._objects_changed()
         uids = [str(uuid.uuid4()) for _ in objects]
         encoded: dict[int, str] = {}  # new objects mostly share one status: encode it once
+        rows = []
+        for (desired, status), uid in zip(objects, uids, strict=True):
+            if (text := encoded.get(id(status))) is None:
+                text = encoded[id(status)] = canonical_json(status)
+            rows.append({**_object_params(desired, source, self.now, text), "uid": uid})
         try:
             db = self._store._db
-            db.executemany(self._store._queries["insert_object"], [
-                {**_object_params(desired, source, self.now, status, encoded), "uid": uid}
-                for (desired, status), uid in zip(objects, uids, strict=True)
-            ])
+            db.executemany(self._store._queries["insert_object"], rows)
             data = canonical_json({"source": source, "generation": 1})
             db.executemany(self._store._queries["insert_event"], [
                 {"at": self.now, "type": "object.created", "kind": desired.key.kind,
@@ -520,7 +522,7 @@ class Transaction:
         (generation,) = self._store._run(
             "update_object",
             {
-                **_object_params(desired, source, self.now, status),
+                **_object_params(desired, source, self.now, canonical_json(status)),
                 "uid": uid,
             },
         ).fetchone()
@@ -909,15 +911,8 @@ def _execution(row: tuple[Any, ...], output: str | None = None) -> Execution:
     )
 
 
-def _object_params(
-    desired: Desired, source: str, now: str, status: dict[str, Any],
-    encoded: dict[int, str] | None = None,
-) -> dict[str, Any]:
-    """Parameters of an object row; ``encoded`` caches status texts by id(status)."""
-    if encoded is None:
-        status_json = canonical_json(status)
-    elif (status_json := encoded.get(id(status), "")) == "":
-        status_json = encoded[id(status)] = canonical_json(status)
+def _object_params(desired: Desired, source: str, now: str, status_json: str
+                   ) -> dict[str, Any]:
     return {
         "kind": desired.key.kind,
         "namespace": desired.key.namespace,
